@@ -452,14 +452,14 @@ class Health:
         # "Far above target": twice the target, or 0.05 when no target is set (typical values are ~0.01).
         self.kl_limit = 2 * target_kl if target_kl is not None else 0.05
 
-    def check(self, m: dict[str, float], step: int, late: bool) -> None:
+    def check(self, m: dict[str, float], step: int, late: bool, returns_vary: bool = True) -> None:
         if m["losses/approx_kl"] > self.kl_limit:
             self.warn("kl", f"approx KL {m['losses/approx_kl']:.3f} > {self.kl_limit:.3f} at step {step}: the policy moves "
                       "far per update; lower --learning-rate or --update-epochs, or set --target-kl")
         # Explained variance is noisy from one batch to the next: judge its mean over the last 20 updates.
-        self.recent_ev = (self.recent_ev + [m["losses/explained_variance"]])[-20:]
-        ev = float(np.nanmean(self.recent_ev)) if not np.isnan(self.recent_ev).all() else 0.0
-        if late and len(self.recent_ev) == 20 and ev < 0:
+        self.recent_ev = (self.recent_ev + [m["losses/explained_variance"] if returns_vary else float("nan")])[-20:]
+        ev = float(np.nanmean(self.recent_ev)) if np.isfinite(self.recent_ev).sum() >= 10 else 0.0
+        if late and ev < 0:
             self.warn("ev", f"explained variance averaged {ev:.2f} < 0 over the last 20 updates at step {step}: the "
                       "critic predicts returns worse than their mean, so advantages are mostly noise")
         if m["losses/ess"] < 0.5:
@@ -475,8 +475,12 @@ class Health:
 # ----------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------
-def train(args: Args) -> dict:
-    """Train PPO; returns the agent, run folder and the episodes seen ({"returns", "lengths", "steps", "times"})."""
+def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
+    """Train PPO; returns the agent, run folder and the episodes seen ({"returns", "lengths", "steps", "times"}).
+
+    stop_at_step ends training early at that global step while the learning-rate schedule still runs
+    over args.total_timesteps (to look at the first part of a full-length run).
+    """
     check_args(args)
     ckpt = load_file(args.resume, "checkpoint") if args.resume else None
     if ckpt is not None:
@@ -646,6 +650,8 @@ def train(args: Args) -> dict:
                 y_pred, y_true = b_values[b_inds], b_returns[b_inds]
                 var_y = y_true.var()
                 explained_var = 1 - (y_true - y_pred).var() / var_y if var_y > 0 else torch.tensor(float("nan"))
+                # Explained variance says little when returns barely vary (e.g. every episode hits the time limit).
+                returns_vary = (var_y.sqrt() > 0.05 * y_true.abs().mean()).item()
             # Losses are averaged over all minibatches; the policy's shift is measured over the last epoch.
             means = torch.stack(mb_stats).mean(0).tolist()
             m = {f"losses/{k}": v for k, v in zip([*stats.keys(), "grad_norm"], means)}
@@ -661,11 +667,13 @@ def train(args: Args) -> dict:
                 m["charts/episodic_return"] = float(np.mean(recent))
                 m["charts/episodic_length"] = float(np.mean(episodes["lengths"][-20:]))
             logger.log(m, global_step)
-            health.check(m, global_step, late=iteration > args.num_iterations // 2)
+            health.check(m, global_step, late=iteration > args.num_iterations // 2, returns_vary=returns_vary)
             progress.update(global_step, sps, m.get("charts/episodic_return", float("nan")))
 
             if args.checkpoint_every and iteration % args.checkpoint_every == 0:
                 checkpoint(iteration)
+            if stop_at_step is not None and global_step >= stop_at_step:
+                break
             if stop_requested:
                 path = checkpoint(iteration)
                 progress.warn(f"stopped at step {global_step}; checkpoint written to {path}; continue with --resume {path}")

@@ -1,0 +1,57 @@
+"""Helpers shared by the tests: tiny environments with known values, and running a script as a user would."""
+
+import os
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ConstantEnv(gym.Env):
+    """Observation always [0.], reward 1 per step; ends after `length` steps.
+
+    Registered twice: ending by termination (the value of the state is then the discounted sum of the
+    remaining rewards) and ending only by a time limit (the state is worth 1 / (1 - gamma): a cut
+    episode must bootstrap).
+    """
+
+    def __init__(self, length: int = 1, terminate: bool = True, nan_after: int = -1, n_actions: int = 2,
+                 obs_shape: tuple = (1,), continuous: bool = False):
+        self.length, self.terminate, self.nan_after = length, terminate, nan_after
+        self.observation_space = gym.spaces.Box(-1.0, 1.0, obs_shape, np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32) if continuous else gym.spaces.Discrete(n_actions)
+        self.t = self.total = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(self.observation_space.shape, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        self.total += 1
+        reward = float("nan") if 0 <= self.nan_after <= self.total else 1.0
+        terminated = self.terminate and self.t >= self.length
+        return np.zeros(self.observation_space.shape, np.float32), reward, terminated, False, {}
+
+
+def register_test_envs() -> None:
+    if "TestTerminate-v0" in gym.registry:
+        return
+    gym.register("TestTerminate-v0", entry_point=ConstantEnv, kwargs={"length": 1, "terminate": True})
+    gym.register("TestTruncate-v0", entry_point=ConstantEnv, kwargs={"length": 10, "terminate": False},
+                 max_episode_steps=10)
+    gym.register("TestNaN-v0", entry_point=ConstantEnv, kwargs={"length": 20, "nan_after": 3000})
+    gym.register("TestImage-v0", entry_point=ConstantEnv, kwargs={"obs_shape": (8, 8, 3)})
+    gym.register("TestContinuous-v0", entry_point=ConstantEnv, kwargs={"continuous": True})
+    gym.register("TestContinuousNaN-v0", entry_point=ConstantEnv,
+                 kwargs={"continuous": True, "length": 20, "nan_after": 3000})
+
+
+def run_script(script: str, *args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+    """Run `python <script> args...` in the current folder, as a user would."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          timeout=timeout, **popen)

@@ -1,0 +1,227 @@
+"""The maths of PPO, checked against brute-force references, in every script.
+
+The core (GAE, the clipped loss, the policy-shift diagnostics) is repeated in each script by design, so
+that each file stands alone; these tests run on every copy and check that the copies agree.
+"""
+
+import importlib
+import inspect
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import ROOT
+
+SCRIPTS = [s for s in ("ppo_discrete", "ppo_continuous", "ppo_atari") if os.path.exists(os.path.join(ROOT, s + ".py"))]
+
+
+@pytest.fixture(params=SCRIPTS)
+def ppo(request):
+    return importlib.import_module(request.param)
+
+
+def gae_reference(rewards, values, terminations, dones, gamma, lam):
+    """GAE by its definition: A_t = sum_l (gamma * lam)^l delta_{t+l}, summed until the episode ends."""
+    T, N = rewards.shape
+    adv = np.zeros((T, N))
+    for n in range(N):
+        for t in range(T):
+            total, coef = 0.0, 1.0
+            for k in range(t, T):
+                delta = rewards[k, n] + gamma * values[k + 1, n] * (1 - terminations[k, n]) - values[k, n]
+                total += coef * delta
+                if dones[k, n]:
+                    break
+                coef *= gamma * lam
+            adv[t, n] = total
+    return adv
+
+
+def random_rollout(T=12, N=3, seed=0, p_end=0.2):
+    rng = np.random.default_rng(seed)
+    rewards = rng.normal(size=(T, N))
+    values = rng.normal(size=(T + 1, N))
+    dones = (rng.random((T, N)) < p_end).astype(np.float64)
+    terminations = dones * (rng.random((T, N)) < 0.5)  # half of the ends are time-limit cuts
+    return rewards, values, terminations, dones
+
+
+def gae(ppo, rewards, values, terminations, dones, gamma, lam):
+    t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    return ppo.compute_gae(t(rewards), t(values), t(terminations), t(dones), gamma, lam).numpy()
+
+
+# ------------------------------------------------------------------------------------------- GAE
+@pytest.mark.parametrize("gamma,lam", [(0.99, 0.95), (0.9, 0.0), (0.97, 1.0), (1.0, 1.0)])
+def test_gae_matches_brute_force(ppo, gamma, lam):
+    r, v, term, done = random_rollout()
+    np.testing.assert_allclose(gae(ppo, r, v, term, done, gamma, lam), gae_reference(r, v, term, done, gamma, lam),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_gae_lambda_zero_is_td_error(ppo):
+    r, v, term, done = random_rollout()
+    td = r + 0.9 * v[1:] * (1 - term) - v[:-1]
+    np.testing.assert_allclose(gae(ppo, r, v, term, done, 0.9, 0.0), td, atol=1e-12)
+
+
+def test_gae_lambda_one_is_discounted_return_minus_value(ppo):
+    r, v, term, done = random_rollout(p_end=0.0)
+    T, gamma = r.shape[0], 0.95
+    expected = np.zeros_like(r)
+    for t in range(T):
+        ret = sum(gamma ** (k - t) * r[k] for k in range(t, T)) + gamma ** (T - t) * v[T]
+        expected[t] = ret - v[t]
+    np.testing.assert_allclose(gae(ppo, r, v, term, done, gamma, 1.0), expected, atol=1e-10)
+
+
+def test_gae_truncation_bootstraps_and_termination_does_not(ppo):
+    # One env, an episode ending at step 2 of 5; the value after step 2 is that of the final observation.
+    r = np.ones((5, 1))
+    v = np.array([[0.5], [0.4], [0.3], [7.0], [0.2], [0.1]])
+    done = np.array([[0], [0], [1], [0], [0]], dtype=float)
+    gamma = 0.9
+    cut = gae(ppo, r, v, np.zeros_like(done), done, gamma, 1.0)
+    end = gae(ppo, r, v, done, done, gamma, 1.0)
+    # Truncated: 1 + g + g^2 + g^3 V(final obs) - V(s0). Terminated: 1 + g + g^2 - V(s0).
+    assert cut[0, 0] == pytest.approx(1 + gamma + gamma**2 + gamma**3 * 7.0 - 0.5)
+    assert end[0, 0] == pytest.approx(1 + gamma + gamma**2 - 0.5)
+    # Nothing flows back across the episode boundary: what follows step 2 is the same either way.
+    assert cut[3, 0] == pytest.approx(end[3, 0])
+    assert cut[3, 0] == pytest.approx((1 + gamma * 0.2 - 7.0) + gamma * (1 + gamma * 0.1 - 0.2))
+
+
+def test_gae_result_is_detached(ppo):
+    v = torch.randn(6, 2, requires_grad=True)
+    adv = ppo.compute_gae(torch.ones(5, 2), v * 2, torch.zeros(5, 2), torch.zeros(5, 2), 0.99, 0.95)
+    assert not adv.requires_grad
+
+
+# ------------------------------------------------------------------------------------------ loss
+def loss_of(ppo, ratio, adv, **kw):
+    newlogp = torch.tensor([math.log(ratio)], requires_grad=True)
+    kw = {"clip_coef": 0.2, "vf_coef": 0.0, "ent_coef": 0.0, "norm_adv": False, "clip_vloss": False, **kw}
+    zeros = torch.zeros(1)
+    loss, _ = ppo.ppo_loss(newlogp, zeros, torch.tensor([adv]), zeros, zeros, zeros, zeros, **kw)
+    loss.backward()
+    return loss.item(), newlogp.grad.item()
+
+
+@pytest.mark.parametrize("ratio,adv,clipped", [
+    (1.5, 1.0, True),    # A > 0: past 1 + eps, no incentive to raise the probability further
+    (1.21, 1.0, True),
+    (0.5, 1.0, False),   # A > 0 below 1 - eps: the unclipped (lower) term still pulls the probability up
+    (0.5, -1.0, True),   # A < 0: past 1 - eps, no incentive to lower it further
+    (0.79, -1.0, True),
+    (1.5, -1.0, False),  # A < 0 above 1 + eps: still pushed down
+    (1.1, 1.0, False),   # inside the clip range: ordinary policy gradient
+    (0.9, -1.0, False),
+])
+def test_clipped_surrogate_gradient(ppo, ratio, adv, clipped):
+    loss, grad = loss_of(ppo, ratio, adv)
+    expected_loss = -min(ratio * adv, min(max(ratio, 0.8), 1.2) * adv)
+    assert loss == pytest.approx(expected_loss)
+    if clipped:
+        assert grad == 0.0
+    else:
+        # d(-A r)/d log pi = -A r
+        assert grad == pytest.approx(-adv * ratio)
+
+
+def test_value_loss_plain_and_clipped(ppo):
+    z = torch.zeros(1)
+    ret, old = torch.tensor([10.0]), torch.tensor([0.0])
+
+    def run(new, clip_vloss):
+        newvalue = torch.tensor([new], requires_grad=True)
+        loss, stats = ppo.ppo_loss(z, z, z, newvalue, old, ret, z, clip_coef=0.2, vf_coef=1.0, ent_coef=0.0,
+                                   norm_adv=False, clip_vloss=clip_vloss)
+        loss.backward()
+        return stats["value_loss"].item(), newvalue.grad.item()
+
+    assert run(0.5, False) == pytest.approx((0.5 * 9.5**2, -9.5))
+    # Clipped: the new value may move at most 0.2 from the old one, so the pessimistic (larger) loss is
+    # the clipped one, which no longer depends on the new value.
+    assert run(0.5, True) == pytest.approx((0.5 * 9.8**2, 0.0))
+    # Within the clip range both terms agree.
+    assert run(0.1, True) == pytest.approx((0.5 * 9.9**2, -9.9))
+
+
+def test_entropy_bonus_and_weights(ppo):
+    z = torch.zeros(3)
+    ent = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    loss, stats = ppo.ppo_loss(z, z, z, z, z, torch.ones(3), ent, clip_coef=0.2, vf_coef=0.5, ent_coef=0.01,
+                               norm_adv=False)
+    assert stats["entropy"].item() == pytest.approx(2.0)
+    assert loss.item() == pytest.approx(-0.01 * 2.0 + 0.5 * 0.5)
+    loss.backward()
+    np.testing.assert_allclose(ent.grad.numpy(), [-0.01 / 3] * 3, rtol=1e-6)
+
+
+def test_advantage_normalization_per_minibatch(ppo):
+    torch.manual_seed(0)
+    adv = torch.randn(64) * 7 + 3
+    newlogp, oldlogp = torch.randn(64) * 0.1, torch.zeros(64)
+    z = torch.zeros(64)
+    kw = dict(clip_coef=0.2, vf_coef=0.0, ent_coef=0.0)
+    loss, _ = ppo.ppo_loss(newlogp, oldlogp, adv, z, z, z, z, norm_adv=True, **kw)
+    normed = (adv - adv.mean()) / (adv.std() + 1e-8)
+    ref, _ = ppo.ppo_loss(newlogp, oldlogp, normed, z, z, z, z, norm_adv=False, **kw)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    # Invariant to the advantages' scale and offset, which is the point of normalizing.
+    scaled, _ = ppo.ppo_loss(newlogp, oldlogp, adv * 100 - 5, z, z, z, z, norm_adv=True, **kw)
+    assert scaled.item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_advantages_are_detached_in_the_loss(ppo):
+    # Advantages computed from a critic's output must not send gradient back into that critic.
+    critic_out = torch.randn(8, requires_grad=True)
+    adv = critic_out * 3
+    newlogp = torch.randn(8, requires_grad=True)
+    z = torch.zeros(8)
+    loss, _ = ppo.ppo_loss(newlogp, z, adv, z, z, z, z, clip_coef=0.2, vf_coef=0.0, ent_coef=0.0)
+    loss.backward()
+    assert critic_out.grad is None
+    assert newlogp.grad is not None and newlogp.grad.abs().sum() > 0
+
+
+def test_policy_shift_diagnostics(ppo):
+    lr = torch.zeros(100)
+    s = ppo.policy_shift(lr, 0.2)
+    assert s["approx_kl"].item() == 0 and s["clipfrac"].item() == 0 and s["ess"].item() == pytest.approx(1.0)
+    torch.manual_seed(0)
+    lr = torch.randn(1000) * 0.3
+    s = ppo.policy_shift(lr, 0.2)
+    w = lr.exp().double()
+    assert s["ess"].item() == pytest.approx((w.sum() ** 2 / (1000 * (w**2).sum())).item(), rel=1e-5)
+    assert s["approx_kl"].item() == pytest.approx(((w - 1) - lr.double()).mean().item(), rel=1e-5)
+    assert s["old_approx_kl"].item() == pytest.approx(-lr.mean().item(), rel=1e-5)
+    assert s["clipfrac"].item() == pytest.approx(((w - 1).abs() > 0.2).double().mean().item())
+    # One dominant weight collapses the effective sample size.
+    lr = torch.zeros(100)
+    lr[0] = 6.0
+    assert ppo.policy_shift(lr, 0.2)["ess"].item() < 0.1
+
+
+# ------------------------------------------------------------------------------- agreement
+@pytest.mark.parametrize("name", ["compute_gae", "ppo_loss", "policy_shift", "layer_init", "save_atomic"])
+def test_core_is_the_same_in_every_script(name):
+    sources = {s: inspect.getsource(getattr(importlib.import_module(s), name)) for s in SCRIPTS}
+    first = sources[SCRIPTS[0]]
+    for script, src in sources.items():
+        assert src == first, f"{name} in {script}.py differs from {SCRIPTS[0]}.py: keep the copies identical"
+
+
+def test_core_gives_the_same_numbers_in_every_script():
+    r, v, term, done = random_rollout(seed=3)
+    mods = [importlib.import_module(s) for s in SCRIPTS]
+    ref = gae(mods[0], r, v, term, done, 0.99, 0.95)
+    torch.manual_seed(1)
+    args = [torch.randn(32) for _ in range(7)]
+    ref_loss = mods[0].ppo_loss(*args, clip_coef=0.2, vf_coef=0.5, ent_coef=0.01)[0]
+    for m in mods[1:]:
+        np.testing.assert_array_equal(gae(m, r, v, term, done, 0.99, 0.95), ref)
+        assert torch.equal(m.ppo_loss(*args, clip_coef=0.2, vf_coef=0.5, ent_coef=0.01)[0], ref_loss)
