@@ -281,12 +281,11 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, terminations: torch
     with torch.no_grad():
         deltas = rewards + gamma * values[1:] * (1.0 - terminations) - values[:-1]
         discounts = gamma * gae_lambda * (1.0 - dones)
-        advantages = torch.zeros_like(deltas)
-        next_advantage = torch.zeros_like(deltas[0])
-        for t in reversed(range(deltas.shape[0])):
-            next_advantage = deltas[t] + discounts[t] * next_advantage
-            advantages[t] = next_advantage
-    return advantages
+        advantages, next_advantage = [], torch.zeros_like(deltas[0])
+        for delta, discount in zip(deltas.flip(0), discounts.flip(0)):  # backwards in time
+            next_advantage = delta + discount * next_advantage
+            advantages.append(next_advantage)
+    return torch.stack(advantages[::-1])
 
 
 # ----------------------------------------------------------------------------------------------------
