@@ -214,6 +214,18 @@ def check_spaces(env_id: str, envs: gym.vector.VectorEnv) -> None:
         raise UsageError(f"--env-id {env_id} has image-like observations of shape {obs.shape}; train it with ppo_atari.py")
 
 
+def env_state(envs: gym.vector.VectorEnv) -> Optional[bytes]:
+    """Everything needed to continue the envs exactly (the vector env pickles with its wrappers), or None."""
+    try:
+        return cloudpickle.dumps(envs)
+    except Exception:  # envs that hold unpicklable handles resume with fresh episodes instead
+        return None
+
+
+def restore_env_state(blob: bytes) -> gym.vector.VectorEnv:
+    return pickle.loads(blob)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Network
 # ----------------------------------------------------------------------------------------------------
@@ -533,7 +545,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
             raise UsageError(f"--resume {args.resume} does not fit this network ({str(e).splitlines()[0]})") from None
         if ckpt["envs"] is not None:
             envs.close()
-            envs = pickle.loads(ckpt["envs"])
+            envs = restore_env_state(ckpt["envs"])
         next_obs = ckpt["next_obs"]
         next_valid = ckpt["next_valid"]
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -548,13 +560,9 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
 
     def checkpoint(iteration: int) -> str:
         path = os.path.join(run_dir, "checkpoint.pt")
-        try:
-            env_state = cloudpickle.dumps(envs)
-        except Exception:  # envs that hold unpicklable handles resume with fresh episodes instead
-            env_state = None
         save_atomic({
             "script": SCRIPT, "args": asdict(args), "iteration": iteration, "global_step": global_step,
-            "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "envs": env_state,
+            "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "envs": env_state(envs),
             "next_obs": obs[T].cpu().numpy(), "next_valid": next_valid.copy(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             "episodes": episodes, "elapsed": elapsed_before + time.time() - start_time,
@@ -608,7 +616,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
             global_step += T * N
 
             # --- the old policy's log-probs and values, and advantages, in one batched pass ---
-            b_obs, b_actions = obs[:-1].reshape(-1, obs_dim), actions.reshape(-1)
+            b_obs, b_actions = obs[:-1].flatten(0, 1), actions.flatten(0, 1)
             with torch.no_grad():
                 b_logprobs, _, b_values = agent.evaluate(b_obs, b_actions)
                 values = torch.cat([b_values, agent.get_value(obs[T])]).view(T + 1, N)

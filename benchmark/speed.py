@@ -2,7 +2,7 @@
 
     pip install -r benchmark/requirements.txt
     python benchmark/speed.py                         # ppo_discrete.py vs SB3 on CartPole-v1, seeds 1 2 3
-    python benchmark/speed.py --algo discrete --seeds 1 --no-sb3
+    python benchmark/speed.py --algo continuous --seeds 1 --total-timesteps 100000
 
 Both implementations get the same hyperparameters and one torch thread. Runs go one after another,
 each in its own process, so they never compete for the machine's cores.
@@ -30,13 +30,19 @@ CONFIGS = {
                  gae_lambda=0.95, clip_range=0.2, clip_range_vf=0.2, ent_coef=0.01, vf_coef=0.5,
                  max_grad_norm=0.5, net=[64, 64], normalize=False),
     ),
+    "continuous": dict(
+        script="ppo_continuous", env_id="HalfCheetah-v5", total_timesteps=1_000_000, threshold=1000.0, window=10,
+        sb3=dict(n_envs=1, n_steps=2048, batch_size=64, n_epochs=10, learning_rate=3e-4, gamma=0.99,
+                 gae_lambda=0.95, clip_range=0.2, clip_range_vf=0.2, ent_coef=0.0, vf_coef=0.5,
+                 max_grad_norm=0.5, net=[64, 64], normalize=True, policy_kwargs=dict(log_std_init=0.0)),
+    ),
 }
 
 
 @dataclass
 class Bench:
     algo: str = "discrete"
-    """which script to benchmark: one of the CONFIGS keys (discrete)"""
+    """which script to benchmark: discrete (CartPole-v1) or continuous (HalfCheetah-v5)"""
     seeds: tuple[int, ...] = (1, 2, 3)
     """seeds to run, one after another"""
     total_timesteps: Optional[int] = None

@@ -1,0 +1,185 @@
+"""ppo_continuous.py end to end: Gaussian policy, normalization statistics, MuJoCo resume, bad input, learning."""
+
+import glob
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gymnasium as gym
+import ppo_continuous as ppo
+from helpers import ConstantEnv, register_test_envs, run_script
+
+register_test_envs()
+SCRIPT = "ppo_continuous.py"
+if "TestUnbounded-v0" not in gym.registry:
+    class UnboundedEnv(ConstantEnv):
+        def __init__(self):
+            super().__init__(length=5, continuous=True)
+            self.action_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
+
+    gym.register("TestUnbounded-v0", entry_point=UnboundedEnv)
+
+
+def tiny(**kw) -> ppo.Args:
+    base = dict(env_id="InvertedPendulum-v5", total_timesteps=1024, num_steps=256, num_minibatches=4, update_epochs=2,
+                progress=False, run_name="tiny")
+    return ppo.Args(**{**base, **kw})
+
+
+def same_params(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gaussian_log_prob_and_entropy_match_torch_normal():
+    torch.manual_seed(0)
+    agent = ppo.Agent(5, 3)
+    with torch.no_grad():
+        agent.actor_logstd.copy_(torch.tensor([[-0.5, 0.0, 0.7]]))
+    obs, action = torch.randn(16, 5), torch.randn(16, 3) * 2
+    logp, entropy, value = agent.evaluate(obs, action)
+    dist = torch.distributions.Normal(agent.actor_mean(obs), agent.actor_logstd.exp().expand(16, 3))
+    torch.testing.assert_close(logp, dist.log_prob(action).sum(-1))
+    torch.testing.assert_close(entropy, dist.entropy().sum(-1))
+    assert value.shape == (16,)
+    # Samples follow that Gaussian.
+    samples = agent.act(obs[:1].expand(40000, 5)).detach()
+    torch.testing.assert_close(samples.mean(0), dist.mean[0].detach(), atol=0.03, rtol=0)
+    torch.testing.assert_close(samples.std(0), dist.stddev[0].detach(), atol=0.03, rtol=0)
+    assert torch.equal(agent.act(obs, greedy=True), agent.actor_mean(obs))
+
+
+def test_the_stored_action_is_unclipped_and_the_env_gets_a_clipped_copy(monkeypatch):
+    seen_by_env, trained_on = [], []
+    original_step, original_evaluate = ConstantEnv.step, ppo.Agent.evaluate
+
+    def step(self, action):
+        seen_by_env.append(np.array(action))
+        return original_step(self, action)
+
+    def evaluate(self, obs, action):
+        trained_on.append(action.detach().clone())
+        return original_evaluate(self, obs, action)
+
+    monkeypatch.setattr(ConstantEnv, "step", step)
+    monkeypatch.setattr(ppo.Agent, "evaluate", evaluate)
+    ppo.train(tiny(env_id="TestContinuous-v0", total_timesteps=256, num_envs=1))
+    sent, stored = np.concatenate(seen_by_env), torch.cat(trained_on)
+    assert np.abs(sent).max() <= 1.0  # the env's bounds are [-1, 1]; the initial std is 1
+    assert stored.abs().max() > 1.5  # so the sampled actions often fall outside them
+
+
+def test_end_to_end_save_and_evaluate_from_the_command_line(in_tmp_dir):
+    out = run_script(SCRIPT, "--env-id", "InvertedPendulum-v5", "--total-timesteps", "512", "--num-steps", "256",
+                     "--num-minibatches", "4", "--run-name", "cli", "--save-model")
+    assert out.returncode == 0, out.stderr
+    path = in_tmp_dir / "runs" / "cli" / "agent.pt"
+    out = run_script(SCRIPT, "--eval-checkpoint", str(path), "--eval-episodes", "2")
+    assert out.returncode == 0, out.stderr
+    assert "2 episodes: return" in out.stdout
+
+
+def test_normalization_statistics_are_part_of_the_saved_model(in_tmp_dir):
+    result = ppo.train(tiny(save_model=True))
+    saved = torch.load(in_tmp_dir / "runs" / "tiny" / "agent.pt", weights_only=True)
+    for k in ("mean", "var"):
+        assert torch.equal(saved["obs_rms"][k], result["obs_rms"][k])
+    assert saved["obs_rms"]["count"] == result["obs_rms"]["count"] > 1000
+    assert not torch.allclose(saved["obs_rms"]["var"], torch.ones_like(saved["obs_rms"]["var"]))
+
+    # Same raw observations -> same actions, before saving and after loading.
+    raw = np.random.default_rng(0).normal(size=(8, 4)) * 0.3
+
+    def policy(agent, stats):
+        envs = ppo.make_envs("InvertedPendulum-v5", 1, obs_rms=ppo.rms_from_dict(stats))
+        normed = np.clip(ppo.obs_normalizer(envs).observations(raw), -10, 10)
+        return agent.act(torch.as_tensor(normed, dtype=torch.float32), greedy=True).detach()
+
+    loaded = ppo.Agent(4, 1)
+    loaded.load_state_dict(saved["model"])
+    assert torch.equal(policy(result["agent"], result["obs_rms"]), policy(loaded, saved["obs_rms"]))
+
+    # Evaluation uses the statistics frozen: playing episodes does not move them.
+    envs = ppo.make_envs("InvertedPendulum-v5", 1, obs_rms=ppo.rms_from_dict(saved["obs_rms"]))
+    envs.reset(seed=0)
+    for _ in range(50):
+        envs.step(np.zeros((1, 1), np.float32))
+    after = ppo.rms_to_dict(ppo.obs_normalizer(envs).obs_rms)
+    assert torch.equal(after["mean"], saved["obs_rms"]["mean"]) and after["count"] == saved["obs_rms"]["count"]
+    returns = ppo.evaluate(str(in_tmp_dir / "runs" / "tiny" / "agent.pt"), episodes=2)
+    assert returns.shape == (2,)
+
+
+def test_resume_mid_episode_in_mujoco_is_exact(in_tmp_dir):
+    # HalfCheetah episodes last 1000 steps, so the checkpoint falls mid-episode: the simulator's state,
+    # its random generator and the normalization statistics must all come back.
+    kw = dict(env_id="HalfCheetah-v5", total_timesteps=2048, num_steps=256)
+    straight = ppo.train(tiny(run_name="straight", **kw))
+    ppo.train(tiny(run_name="cut", checkpoint_every=1, **kw), stop_at_step=1024)
+    resumed = ppo.train(tiny(resume=str(in_tmp_dir / "runs" / "cut" / "checkpoint.pt"), **kw))
+    assert resumed["global_step"] == 2048
+    assert same_params(straight["agent"].state_dict(), resumed["agent"].state_dict())
+    assert torch.equal(straight["obs_rms"]["mean"], resumed["obs_rms"]["mean"])
+    assert straight["episodes"]["returns"] == resumed["episodes"]["returns"]
+
+
+def test_same_seed_same_numbers():
+    a = ppo.train(tiny(run_name="a"))
+    b = ppo.train(tiny(run_name="b"))
+    assert same_params(a["agent"].state_dict(), b["agent"].state_dict())
+
+
+def test_capture_video_or_a_clear_message(in_tmp_dir, capfd):
+    ppo.train(tiny(capture_video=True, total_timesteps=256))
+    videos = glob.glob(str(in_tmp_dir / "videos" / "tiny" / "*.mp4"))
+    assert videos or "training goes on without video" in capfd.readouterr().err
+
+
+BAD = [
+    (["--env-id", "CartPole-v1"], "ppo_discrete.py"),
+    (["--env-id", "ALE/Pong-v5"], "ppo_atari.py"),
+    (["--env-id", "HalfCheeta-v5"], "HalfCheetah-v5"),
+    (["--num-minibatches", "3"], "--num-minibatches 3"),
+    (["--gamma", "-1"], "--gamma is -1"),
+    (["--clip-obs", "0"], "--clip-obs is 0"),
+    (["--resume", "nowhere.pt"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_clear_line(argv, expected, capsys):
+    assert ppo.main(argv + ["--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and expected in err
+
+
+def test_unbounded_actions_are_explained_not_refused(capsys):
+    result = ppo.train(tiny(env_id="TestUnbounded-v0", total_timesteps=256))
+    assert result["global_step"] == 256
+    assert "unbounded action dimensions" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_script_is_refused(in_tmp_dir, capsys):
+    import ppo_discrete
+
+    ppo_discrete.train(ppo_discrete.Args(total_timesteps=512, num_steps=128, run_name="d", progress=False,
+                                         save_model=True))
+    assert ppo.main(["--eval-checkpoint", "runs/d/agent.pt"]) == 2
+    assert "ppo_discrete.py" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_the_run(capsys):
+    code = ppo.main(["--env-id", "TestContinuousNaN-v0", "--total-timesteps", "8192", "--num-steps", "1024",
+                     "--num-minibatches", "4", "--run-name", "nan", "--no-progress"])
+    assert code == 1 and "loss became nan" in capsys.readouterr().err
+
+
+def test_learns_inverted_pendulum():
+    # Default hyperparameters with a 100k-step schedule, watched for its first 40,960 steps.
+    result = ppo.train(ppo.Args(env_id="InvertedPendulum-v5", total_timesteps=100_000, progress=False,
+                                run_name="learn", seed=1), stop_at_step=40_960)
+    returns = np.array(result["episodes"]["returns"])
+    best = np.convolve(returns, np.ones(10) / 10, mode="valid").max()
+    assert best >= 900, f"best mean of 10 consecutive episodes: {best:.1f}"
+
