@@ -298,7 +298,7 @@ def restore_env_state(blob: bytes) -> gym.vector.VectorEnv:
 # Network
 # ----------------------------------------------------------------------------------------------------
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
-    # Orthogonal init with gain sqrt(2) for tanh hidden layers (implementation detail 2).
+    # Orthogonal init, gain sqrt(2) for hidden layers (implementation detail 2).
     nn.init.orthogonal_(layer.weight, std)
     nn.init.constant_(layer.bias, bias_const)
     return layer
