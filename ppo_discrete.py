@@ -161,9 +161,10 @@ def best_divisor(n: int, near: int) -> int:
 
 
 def check_env_id(env_id: str) -> None:
-    if env_id in gym.registry:
+    atari = env_id.startswith("ALE/") or "NoFrameskip" in env_id
+    if env_id in gym.registry and not atari and "ale_py" not in str(gym.registry[env_id].entry_point):
         return
-    if env_id.startswith("ALE/") or "NoFrameskip" in env_id:
+    if atari or env_id in gym.registry:
         raise UsageError(f"--env-id {env_id} is an Atari game; train it with ppo_atari.py")
     close = difflib.get_close_matches(env_id, list(gym.registry), n=3)
     hint = f"did you mean {' or '.join(close)}?" if close else "see gymnasium.registry for the known ids"

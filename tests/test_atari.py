@@ -1,0 +1,140 @@
+"""ppo_atari.py: the preprocessing on real ROMs, the CNN, life loss, end to end, resume, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+import ppo_atari as ppo
+from helpers import run_script
+
+SCRIPT = "ppo_atari.py"
+
+
+def tiny(**kw) -> ppo.Args:
+    base = dict(total_timesteps=256, num_envs=2, num_steps=32, num_minibatches=2, update_epochs=1, progress=False,
+                run_name="tiny", cuda=False)
+    return ppo.Args(**{**base, **kw})
+
+
+def same_params(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_frames_are_84x84_gray_uint8_stacked_oldest_first():
+    envs = ppo.make_envs("BreakoutNoFrameskip-v4", 1)
+    obs, _ = envs.reset(seed=0)
+    assert obs.shape == (1, 4, 84, 84) and obs.dtype == np.uint8
+    for action in [2, 3, 2, 2, 3]:
+        new, *_ = envs.step(np.array([action]))
+        # The stack shifts by one: the newest frame is last, the others are the previous stack's last three.
+        np.testing.assert_array_equal(new[0, :3], obs[0, 1:])
+        obs = new
+    assert obs[0, -1].max() > 0
+    envs.close()
+
+
+def test_fire_on_reset_only_for_games_that_need_it():
+    breakout = ppo.make_env("BreakoutNoFrameskip-v4", 0, None)()
+    pacman = ppo.make_env("MsPacmanNoFrameskip-v4", 0, None)()  # no FIRE action at all
+    fire = lambda env: [w for w in iter_wrappers(env) if isinstance(w, ppo.FireOnReset)][0]  # noqa: E731
+    assert fire(breakout).needs_fire and not fire(pacman).needs_fire
+    breakout.reset(seed=0)
+    # FIRE was pressed: frames were played after the no-ops, and the ball is in play.
+    assert breakout.unwrapped.ale.getEpisodeFrameNumber() > 0
+
+
+def iter_wrappers(env):
+    while True:
+        yield env
+        if not hasattr(env, "env"):
+            return
+        env = env.env
+
+
+def test_sticky_actions_setting():
+    def sticky(env_id, value=None):
+        return ppo.make_env(env_id, 0, None, value)().unwrapped.ale.getFloat("repeat_action_probability")
+
+    assert sticky("BreakoutNoFrameskip-v4") == 0.0
+    assert sticky("ALE/Breakout-v5") == pytest.approx(0.25)
+    assert sticky("ALE/Breakout-v5", 0.0) == 0.0
+
+
+def test_reported_return_is_the_unclipped_score_over_all_lives():
+    envs = ppo.make_envs("SpaceInvadersNoFrameskip-v4", 1)
+    envs.reset(seed=0)
+    rng = np.random.default_rng(0)
+    clipped_sum, lives_seen = 0.0, set()
+    for _ in range(5000):
+        _, reward, terminated, truncated, info = envs.step(rng.integers(0, 6, size=1))
+        clipped_sum += reward[0]
+        lives_seen.add(int(info["lives"][0]))
+        if terminated[0] or truncated[0]:
+            break
+    score = info["episode"]["r"][0]
+    assert set(reward) <= {-1.0, 0.0, 1.0}
+    assert score > clipped_sum > 0  # invaders are worth 5 to 30 points; learning sees +1 for each
+    assert score % 5 == 0
+    assert {3, 2, 1} <= lives_seen  # one episode spans every life
+
+
+def test_a_lost_life_ends_the_episode_for_learning_only(monkeypatch):
+    seen = []
+    original = ppo.compute_gae
+
+    def spy(rewards, values, terminations, dones, gamma, gae_lambda):
+        seen.append((terminations.clone(), dones.clone()))
+        return original(rewards, values, terminations, dones, gamma, gae_lambda)
+
+    monkeypatch.setattr(ppo, "compute_gae", spy)
+    result = ppo.train(tiny(total_timesteps=1024, num_envs=1, num_steps=512))
+    terminations = torch.cat([t for t, _ in seen])
+    # A random Breakout agent loses lives within 1000 steps; a whole game (5 lives) takes longer.
+    assert terminations.sum() >= 1
+    assert len(result["episodes"]["returns"]) < terminations.sum()
+
+
+def test_cnn_shapes():
+    agent = ppo.Agent(6)
+    obs = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
+    assert agent.hidden(obs).shape == (3, 512)
+    assert agent.get_value(obs).shape == (3,)
+    assert agent.act(obs).shape == (3,) and agent.act(obs).max() < 6
+    logp, entropy, value = agent.evaluate(obs, torch.tensor([0, 1, 5]))
+    assert logp.shape == entropy.shape == value.shape == (3,)
+    assert torch.allclose(entropy, torch.full((3,), np.log(6)), atol=1e-3)  # 0.01 head gain: near uniform
+
+
+def test_end_to_end_save_evaluate_and_cuda_fallback(in_tmp_dir):
+    out = run_script(SCRIPT, "--total-timesteps", "128", "--num-envs", "2", "--num-steps", "32", "--num-minibatches", "2",
+                     "--run-name", "cli", "--save-model", "--cuda")
+    assert out.returncode == 0, out.stderr
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU is available; running on the CPU" in out.stderr
+    path = in_tmp_dir / "runs" / "cli" / "agent.pt"
+    returns = ppo.evaluate(str(path), episodes=1)
+    assert returns.shape == (1,)
+
+
+def test_resume_is_exact(in_tmp_dir):
+    straight = ppo.train(tiny(run_name="straight"))
+    ppo.train(tiny(run_name="cut", checkpoint_every=1), stop_at_step=128)
+    resumed = ppo.train(tiny(resume=str(in_tmp_dir / "runs" / "cut" / "checkpoint.pt")))
+    assert resumed["global_step"] == 256
+    assert same_params(straight["agent"].state_dict(), resumed["agent"].state_dict())
+
+
+BAD = [
+    (["--env-id", "CartPole-v1"], "ppo_discrete.py"),
+    (["--env-id", "HalfCheetah-v5"], "ppo_continuous.py"),
+    (["--env-id", "BreakoutNoFrameskip-v5"], "BreakoutNoFrameskip-v4"),
+    (["--sticky-actions", "1.5"], "--sticky-actions is 1.5"),
+    (["--num-minibatches", "3"], "--num-minibatches 3"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_clear_line(argv, expected, capsys):
+    assert ppo.main(argv + ["--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and expected in err
