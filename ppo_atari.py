@@ -53,6 +53,8 @@ class Args:
     """run the network on a CUDA GPU if there is one (falls back to the CPU with a note)"""
     torch_threads: int = 0
     """CPU threads for torch (0: all cores; convolutions use them)"""
+    bf16: bool = False
+    """run the network in bfloat16 autocast (about 2x faster on CPUs with AMX or AVX512-BF16; numbers differ slightly)"""
     track: bool = False
     """also log to Weights & Biases (set WANDB_MODE=offline to log without network)"""
     wandb_project_name: str = "ppo"
@@ -307,9 +309,12 @@ class Agent(nn.Module):
         # A 0.01 gain makes the first policy nearly uniform over actions, so early exploration is broad.
         self.actor = layer_init(nn.Linear(512, n_actions), std=0.01)
         self.critic = layer_init(nn.Linear(512, 1), std=1.0)
+        # Channels-last weights (and frames) let oneDNN use its fastest CPU convolutions: about 1.4x here.
+        self.to(memory_format=torch.channels_last)
 
     def hidden(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.network(obs / 255.0)  # uint8 frames in, [0, 1] floats to the network (detail 9)
+        # uint8 frames in, [0, 1] floats to the network (detail 9).
+        return self.network(obs.contiguous(memory_format=torch.channels_last) / 255.0)
 
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(self.hidden(obs)).squeeze(-1)
@@ -323,6 +328,16 @@ class Agent(nn.Module):
         # Gumbel-max trick: argmax(logits + Gumbel noise) is an exact sample of softmax(logits), and
         # -log(Exp(1)) is Gumbel noise. Much cheaper than building a Categorical every step.
         return (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
+
+    def act_with_value(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample actions with their log-probs and values. The trunk is shared, so the rollout gets
+        these from its one forward pass for the price of two small heads (the MLP scripts, whose
+        critic is a network of its own, compute them after the rollout in one batch instead)."""
+        hidden = self.hidden(obs)
+        logits = self.actor(hidden)
+        action = (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
+        logp = F.log_softmax(logits, -1).gather(-1, action.unsqueeze(-1)).squeeze(-1)
+        return action, logp, self.critic(hidden).squeeze(-1)
 
     def evaluate(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Log-probability of the taken actions, policy entropy and value under the current parameters."""
@@ -590,6 +605,8 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
     # Frames stay uint8 (1 byte per pixel) in the buffer; the network scales them when it reads them.
     obs = torch.zeros((T + 1, N, *obs_shape), dtype=torch.uint8, device=device)
     actions = torch.zeros((T, N), dtype=torch.long, device=device)
+    logprobs = torch.zeros((T, N), device=device)
+    values = torch.zeros((T + 1, N), device=device)
     # Env outputs stay in numpy during the rollout; they become tensors once per rollout, not once per step.
     rewards = np.zeros((T, N), dtype=np.float32)
     terminations = np.zeros((T, N), dtype=np.float32)
@@ -658,7 +675,8 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
             with torch.inference_mode():
                 for step in range(T):
                     valid[step] = next_valid
-                    action = agent.act(obs[step])
+                    with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+                        action, logprobs[step], values[step] = agent.act_with_value(obs[step])
                     actions[step] = action
                     # On the CPU .cpu() is free; with a GPU this is the one unavoidable copy per step.
                     next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
@@ -681,11 +699,12 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                         episodes["times"].extend([elapsed_before + time.time() - start_time] * n_ended)
             global_step += T * N
 
-            # --- the old policy's log-probs and values, and advantages, in one batched pass ---
+            # --- advantages (log-probs and values came with the rollout's forward passes) ---
             b_obs, b_actions = obs[:-1].flatten(0, 1), actions.flatten(0, 1)
             with torch.no_grad():
-                b_logprobs, _, b_values = agent.evaluate(b_obs, b_actions)
-                values = torch.cat([b_values, agent.get_value(obs[T])]).view(T + 1, N)
+                b_logprobs, b_values = logprobs.flatten(), values[:-1].flatten()
+                with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+                    values[T] = agent.get_value(obs[T])
                 advantages = compute_gae(torch.from_numpy(rewards).to(device), values,
                                          torch.from_numpy(terminations).to(device), torch.from_numpy(dones).to(device),
                                          args.gamma, args.gae_lambda)
@@ -699,7 +718,8 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                 perm = b_inds[torch.randperm(len(b_inds), device=device)]
                 logratios = []
                 for mb in torch.tensor_split(perm, args.num_minibatches):
-                    newlogp, entropy, newvalue = agent.evaluate(b_obs[mb], b_actions[mb])
+                    with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
+                        newlogp, entropy, newvalue = agent.evaluate(b_obs[mb], b_actions[mb])
                     loss, stats = ppo_loss(newlogp, b_logprobs[mb], b_advantages[mb], newvalue, b_values[mb],
                                            b_returns[mb], entropy, clip_coef=args.clip_coef, vf_coef=args.vf_coef,
                                            ent_coef=args.ent_coef, norm_adv=args.norm_adv, clip_vloss=args.clip_vloss)

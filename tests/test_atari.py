@@ -138,3 +138,9 @@ def test_bad_input_is_one_clear_line(argv, expected, capsys):
     assert ppo.main(argv + ["--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and expected in err
+
+
+def test_bfloat16_autocast_trains():
+    result = ppo.train(tiny(bf16=True, run_name="bf16"))
+    assert result["global_step"] == 256
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in result["agent"].parameters())
