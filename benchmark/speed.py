@@ -36,13 +36,26 @@ CONFIGS = {
                  gae_lambda=0.95, clip_range=0.2, clip_range_vf=0.2, ent_coef=0.0, vf_coef=0.5,
                  max_grad_norm=0.5, net=[64, 64], normalize=True, policy_kwargs=dict(log_std_init=0.0)),
     ),
+    # Atari: SB3's AtariWrapper does the same preprocessing (no-ops, skip 4 with max, life loss as the end
+    # for learning, FIRE reset, sign-clipped rewards, 84x84 gray) and VecFrameStack stacks 4 frames.
+    "atari": dict(
+        script="ppo_atari", env_id="BreakoutNoFrameskip-v4", total_timesteps=10_000_000, threshold=None, window=20,
+        ours=dict(cuda=False),
+        sb3=dict(n_envs=8, n_steps=128, batch_size=256, n_epochs=4, learning_rate=2.5e-4, gamma=0.99,
+                 gae_lambda=0.95, clip_range=0.1, clip_range_vf=0.1, ent_coef=0.01, vf_coef=0.5,
+                 max_grad_norm=0.5, atari=True, normalize=False),
+    ),
 }
 
 
 @dataclass
 class Bench:
     algo: str = "discrete"
-    """which script to benchmark: discrete (CartPole-v1) or continuous (HalfCheetah-v5)"""
+    """which script to benchmark: discrete (CartPole-v1), continuous (HalfCheetah-v5) or atari (Breakout)"""
+    env_id: Optional[str] = None
+    """env to run instead of the script's default (e.g. PongNoFrameskip-v4)"""
+    bf16: bool = False
+    """atari only: also pass --bf16 to ours"""
     seeds: tuple[int, ...] = (1, 2, 3)
     """seeds to run, one after another"""
     total_timesteps: Optional[int] = None
@@ -60,7 +73,7 @@ class Bench:
 def time_to_threshold(steps, times, returns, threshold, window):
     """Wall time and steps when the mean of the last `window` episode returns first reaches `threshold`."""
     r = np.asarray(returns, dtype=float)
-    if len(r) < window:
+    if threshold is None or len(r) < window:
         return None, None
     rolling = np.convolve(r, np.ones(window) / window, mode="valid")
     hit = np.nonzero(rolling >= threshold)[0]
@@ -74,7 +87,8 @@ def run_ours(cfg: dict, seed: int, total: int) -> dict:
     sys.path.insert(0, ROOT)
     module = __import__(cfg["script"])
     os.chdir(tempfile.mkdtemp())
-    args = module.Args(env_id=cfg["env_id"], seed=seed, total_timesteps=total, progress=False, run_name=f"bench-{seed}")
+    args = module.Args(env_id=cfg["env_id"], seed=seed, total_timesteps=total, progress=False, run_name=f"bench-{seed}",
+                       **cfg.get("ours", {}))
     start = time.time()
     result = module.train(args)
     wall = time.time() - start
@@ -89,10 +103,20 @@ def run_sb3(cfg: dict, seed: int, total: int) -> dict:
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecNormalize
 
-    torch.set_num_threads(1)
     h = cfg["sb3"]
+    torch.set_num_threads(torch.get_num_threads() if h.get("atari") else 1)  # the same threads as ours
     os.chdir(tempfile.mkdtemp())
-    env = make_vec_env(cfg["env_id"], n_envs=h["n_envs"], seed=seed)
+    if h.get("atari"):
+        from stable_baselines3.common.env_util import make_atari_env
+        from stable_baselines3.common.vec_env import VecFrameStack
+        import ale_py
+        import gymnasium
+
+        gymnasium.register_envs(ale_py)
+
+        env = VecFrameStack(make_atari_env(cfg["env_id"], n_envs=h["n_envs"], seed=seed), 4)
+    else:
+        env = make_vec_env(cfg["env_id"], n_envs=h["n_envs"], seed=seed)
     if h["normalize"]:
         env = VecNormalize(env, gamma=h["gamma"])
     episodes = dict(steps=[], times=[], returns=[])
@@ -110,12 +134,13 @@ def run_sb3(cfg: dict, seed: int, total: int) -> dict:
             return True
 
     lr = h["learning_rate"]
-    model = PPO("MlpPolicy", env, learning_rate=lambda remaining: lr * remaining, n_steps=h["n_steps"],
+    policy = "CnnPolicy" if h.get("atari") else "MlpPolicy"
+    net = {} if h.get("atari") else dict(net_arch=dict(pi=h["net"], vf=h["net"]), activation_fn=torch.nn.Tanh)
+    model = PPO(policy, env, learning_rate=lambda remaining: lr * remaining, n_steps=h["n_steps"],
                 batch_size=h["batch_size"], n_epochs=h["n_epochs"], gamma=h["gamma"], gae_lambda=h["gae_lambda"],
                 clip_range=h["clip_range"], clip_range_vf=h["clip_range_vf"], ent_coef=h["ent_coef"],
                 vf_coef=h["vf_coef"], max_grad_norm=h["max_grad_norm"], seed=seed, device="cpu", verbose=0,
-                policy_kwargs=dict(net_arch=dict(pi=h["net"], vf=h["net"]), activation_fn=torch.nn.Tanh,
-                                   **h.get("policy_kwargs", {})))
+                policy_kwargs=dict(**net, **h.get("policy_kwargs", {})))
     start = time.time()
     model.learn(total, callback=Record())
     wall = time.time() - start
@@ -126,7 +151,7 @@ def summarize(name: str, runs: list[dict], cfg: dict) -> dict:
     sps = [r["global_step"] / r["wall"] for r in runs]
     hits = [time_to_threshold(r["steps"], r["times"], r["returns"], cfg["threshold"], cfg["window"]) for r in runs]
     times = [t for t, _ in hits if t is not None]
-    finals = [float(np.mean(r["returns"][-cfg["window"]:])) for r in runs]
+    finals = [float(np.mean(r["returns"][-cfg["window"]:])) if r["returns"] else float("nan") for r in runs]
     return dict(name=name, sps=float(np.mean(sps)), wall=float(np.mean([r["wall"] for r in runs])),
                 time_to_threshold=float(np.mean(times)) if times else None,
                 steps_to_threshold=float(np.mean([s for _, s in hits if s is not None])) if times else None,
@@ -136,7 +161,11 @@ def summarize(name: str, runs: list[dict], cfg: dict) -> dict:
 def main(bench: Bench) -> None:
     if bench.algo not in CONFIGS:
         sys.exit(f"error: --algo {bench.algo} is not one of {', '.join(CONFIGS)}")
-    cfg = CONFIGS[bench.algo]
+    cfg = dict(CONFIGS[bench.algo])
+    if bench.env_id:
+        cfg["env_id"] = bench.env_id
+    if bench.bf16:
+        cfg["ours"] = {**cfg.get("ours", {}), "bf16": True}
     total = bench.total_timesteps or cfg["total_timesteps"]
     if bench.worker:
         result = (run_ours if bench.worker == "ours" else run_sb3)(cfg, bench.seed, total)
@@ -148,7 +177,7 @@ def main(bench: Bench) -> None:
     for seed in bench.seeds:
         for impl in impls:
             cmd = [sys.executable, os.path.abspath(__file__), "--algo", bench.algo, "--worker", impl, "--seed", str(seed),
-                   "--total-timesteps", str(total)]
+                   "--total-timesteps", str(total), "--env-id", cfg["env_id"]] + (["--bf16"] if bench.bf16 else [])
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode != 0 or not line:
@@ -159,7 +188,7 @@ def main(bench: Bench) -> None:
 
     rows = [summarize(impl, results[impl], cfg) for impl in impls]
     print(f"\n{cfg['env_id']}, {total:,} steps, seeds {list(bench.seeds)}; threshold: mean of the last "
-          f"{cfg['window']} episode returns >= {cfg['threshold']:g}\n")
+          f"{cfg['window']} episode returns >= {cfg['threshold']}\n")
     print("| implementation | steps/s | whole run (s) | time to threshold (s) | steps to threshold | reached | final return |")
     print("|---|---|---|---|---|---|---|")
     fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
@@ -173,7 +202,7 @@ def main(bench: Bench) -> None:
             print(f", {sb3['time_to_threshold'] / ours['time_to_threshold']:.2f}x faster to the threshold", end="")
         print()
     os.makedirs(bench.out, exist_ok=True)
-    with open(os.path.join(bench.out, f"speed-{bench.algo}.json"), "w") as f:
+    with open(os.path.join(bench.out, f"speed-{bench.algo}-{cfg['env_id'].replace('/', '-')}.json"), "w") as f:
         json.dump({"rows": rows, "runs": results, "total_timesteps": total, "seeds": list(bench.seeds)}, f)
 
 
