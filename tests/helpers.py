@@ -6,6 +6,7 @@ import sys
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,3 +56,8 @@ def run_script(script: str, *args: str, timeout: float = 300, **popen) -> subpro
     """Run `python <script> args...` in the current folder, as a user would."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
                           timeout=timeout, **popen)
+
+
+def same_params(a: dict, b: dict) -> bool:
+    """Two state dicts hold bit-identical tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ppo_atari as ppo
-from helpers import run_script
+from helpers import run_script, same_params
 
 SCRIPT = "ppo_atari.py"
 
@@ -14,10 +14,6 @@ def tiny(**kw) -> ppo.Args:
     base = dict(total_timesteps=256, num_envs=2, num_steps=32, num_minibatches=2, update_epochs=1, progress=False,
                 run_name="tiny", cuda=False)
     return ppo.Args(**{**base, **kw})
-
-
-def same_params(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_frames_are_84x84_gray_uint8_stacked_oldest_first():

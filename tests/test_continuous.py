@@ -9,7 +9,7 @@ import torch
 
 import gymnasium as gym
 import ppo_continuous as ppo
-from helpers import ConstantEnv, register_test_envs, run_script
+from helpers import ConstantEnv, register_test_envs, run_script, same_params
 
 register_test_envs()
 SCRIPT = "ppo_continuous.py"
@@ -26,10 +26,6 @@ def tiny(**kw) -> ppo.Args:
     base = dict(env_id="InvertedPendulum-v5", total_timesteps=1024, num_steps=256, num_minibatches=4, update_epochs=2,
                 progress=False, run_name="tiny")
     return ppo.Args(**{**base, **kw})
-
-
-def same_params(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_gaussian_log_prob_and_entropy_match_torch_normal():

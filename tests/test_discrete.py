@@ -13,7 +13,7 @@ import torch
 import tyro
 
 import ppo_discrete as ppo
-from helpers import ROOT, register_test_envs, run_script
+from helpers import ROOT, register_test_envs, run_script, same_params
 
 register_test_envs()
 SCRIPT = "ppo_discrete.py"
@@ -22,10 +22,6 @@ SCRIPT = "ppo_discrete.py"
 def tiny(**kw) -> ppo.Args:
     base = dict(total_timesteps=2048, num_envs=4, num_steps=64, progress=False, run_name="tiny")
     return ppo.Args(**{**base, **kw})
-
-
-def same_params(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------------------------ the agent
