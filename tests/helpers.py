@@ -61,3 +61,11 @@ def run_script(script: str, *args: str, timeout: float = 300, **popen) -> subpro
 def same_params(a: dict, b: dict) -> bool:
     """Two state dicts hold bit-identical tensors."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_bad_input(main, argv: list, expected: str, capsys) -> None:
+    """main(argv) refuses before training: exit status 2 and one line on stderr that names the problem."""
+    assert main(argv + ["--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert expected in err, err

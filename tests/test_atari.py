@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ppo_atari as ppo
-from helpers import run_script, same_params
+from helpers import assert_bad_input, run_script, same_params
 
 SCRIPT = "ppo_atari.py"
 
@@ -131,9 +131,7 @@ BAD = [
 
 @pytest.mark.parametrize("argv,expected", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_is_one_clear_line(argv, expected, capsys):
-    assert ppo.main(argv + ["--no-progress"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ") and expected in err
+    assert_bad_input(ppo.main, argv, expected, capsys)
 
 
 def test_bfloat16_autocast_trains():

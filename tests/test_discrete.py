@@ -13,7 +13,7 @@ import torch
 import tyro
 
 import ppo_discrete as ppo
-from helpers import ROOT, register_test_envs, run_script, same_params
+from helpers import ROOT, assert_bad_input, register_test_envs, run_script, same_params
 
 register_test_envs()
 SCRIPT = "ppo_discrete.py"
@@ -222,11 +222,7 @@ BAD = [
 
 @pytest.mark.parametrize("argv,expected", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_is_one_clear_line(argv, expected, capsys):
-    code = ppo.main(argv + ["--no-progress"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("error: ")
-    assert expected in err
+    assert_bad_input(ppo.main, argv, expected, capsys)
     assert not os.path.exists("runs")  # nothing started
 
 
