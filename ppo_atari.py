@@ -13,7 +13,9 @@ learning, FIRE on reset, reward sign clipping, 84x84 grayscale, 4 stacked frames
 by actor and critic, and inputs scaled to [0, 1].
 """
 
+import csv
 import difflib
+import json
 import os
 import pickle
 import random
@@ -450,6 +452,22 @@ def load_file(path: str, what: str) -> dict:
     return data
 
 
+def write_results(run_dir: str, args: Args, episodes: dict, global_step: int, elapsed: float) -> None:
+    """Every finished episode to episodes.csv and the run's totals to summary.json, in the run folder.
+
+    Plain files that the benchmark suite (or a spreadsheet) reads without TensorBoard.
+    """
+    with open(os.path.join(run_dir, "episodes.csv"), "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["global_step", "time_s", "return", "length"])
+        out.writerows(zip(episodes["steps"], (round(t, 3) for t in episodes["times"]), episodes["returns"], episodes["lengths"]))
+    summary = {"script": SCRIPT, "env_id": args.env_id, "seed": args.seed, "global_step": global_step,
+               "total_timesteps": args.total_timesteps, "time_s": round(elapsed, 3), "sps": round(global_step / max(elapsed, 1e-9), 1),
+               "episodes": len(episodes["returns"]), "final_return": float(np.mean(episodes["returns"][-100:])) if episodes["returns"] else None}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+
+
 class Logger:
     """TensorBoard (and optionally wandb) scalars, buffered.
 
@@ -778,6 +796,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         progress.close()
         logger.close()
         envs.close()
+        write_results(run_dir, args, episodes, global_step, elapsed_before + time.time() - start_time)
 
     if args.save_model and not interrupted:
         path = os.path.join(run_dir, "agent.pt")

@@ -87,6 +87,16 @@ def test_train_end_to_end_writes_logs(in_tmp_dir):
     lrs = [e.value for e in ea.Scalars("charts/learning_rate")]
     assert lrs[0] == pytest.approx(2.5e-4) and lrs[-1] < lrs[0]  # annealed
 
+    # Plain-file results for the benchmark suite: one row per episode, and the run's totals.
+    import csv
+    import json
+
+    rows = list(csv.DictReader(open(run_dir / "episodes.csv")))
+    assert len(rows) == len(result["episodes"]["returns"])
+    assert [float(r["return"]) for r in rows] == result["episodes"]["returns"]
+    summary = json.load(open(run_dir / "summary.json"))
+    assert summary["global_step"] == 2048 and summary["env_id"] == "CartPole-v1" and summary["sps"] > 0
+
 
 def test_command_line_train_save_and_evaluate(in_tmp_dir):
     out = run_script(SCRIPT, "--total-timesteps", "1024", "--num-steps", "32", "--run-name", "cli", "--save-model")
