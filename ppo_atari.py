@@ -31,6 +31,7 @@ import ale_py
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
@@ -46,7 +47,7 @@ class Args:
     exp_name: str = SCRIPT
     """name of the experiment, part of the run name"""
     seed: int = 1
-    """random seed; env i is seeded with seed + i"""
+    """random seed; env i is seeded with seed + i (under torchrun, rank r uses seed + r, its envs seed + r * num_envs + i)"""
     run_name: Optional[str] = None
     """folder name under runs/ and videos/ (default: <env_id>__<exp_name>__<seed>__<unix time>)"""
     torch_deterministic: bool = True
@@ -84,13 +85,13 @@ class Args:
     sticky_actions: Optional[float] = None
     """probability that the emulator repeats the previous action (default: the id's own, 0 for v4, 0.25 for v5)"""
     total_timesteps: int = 10_000_000
-    """environment steps to train for, summed over all envs"""
+    """environment steps to train for, summed over all envs (and all ranks under torchrun)"""
     learning_rate: float = 2.5e-4
     """Adam step size at the start of training"""
     anneal_lr: bool = True
     """decay the learning rate linearly to 0 over training"""
     num_envs: int = 8
-    """parallel environments"""
+    """parallel environments per process (under torchrun each rank runs this many)"""
     num_steps: int = 128
     """steps per env in each rollout (batch = num_envs * num_steps transitions)"""
     gamma: float = 0.99
@@ -118,7 +119,13 @@ class Args:
 
     # --- sizes derived from the options above, in one place ---
     @property
+    def world_size(self) -> int:
+        # Processes training together: torchrun sets WORLD_SIZE; a plain run is 1.
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    @property
     def batch_size(self) -> int:
+        # Per process; a data-parallel update learns from world_size times as many transitions.
         return self.num_envs * self.num_steps
 
     @property
@@ -127,7 +134,7 @@ class Args:
 
     @property
     def num_iterations(self) -> int:
-        return self.total_timesteps // self.batch_size
+        return self.total_timesteps // (self.batch_size * self.world_size)
 
 
 class UsageError(Exception):
@@ -163,8 +170,9 @@ def check_args(args: Args) -> None:
         )
     if args.minibatch_size < 2:
         raise UsageError(f"minibatches of {args.minibatch_size} transition(s) are too small to normalize advantages; use fewer --num-minibatches")
-    if args.total_timesteps < args.batch_size:
-        raise UsageError(f"--total-timesteps {args.total_timesteps} is less than one batch ({args.batch_size} = num_envs * num_steps); raise it or shrink the batch")
+    if args.num_iterations == 0:
+        raise UsageError(f"--total-timesteps {args.total_timesteps} is less than one batch ({args.batch_size * args.world_size} = "
+                         f"num_envs * num_steps{' * ranks' if args.world_size > 1 else ''}); raise it or shrink the batch")
     check_env_id(args.env_id)
 
 
@@ -428,6 +436,80 @@ def policy_shift(logratio: torch.Tensor, clip_coef: float) -> dict[str, torch.Te
 
 
 # ----------------------------------------------------------------------------------------------------
+# Data-parallel training (torchrun)
+# ----------------------------------------------------------------------------------------------------
+# `torchrun --nproc-per-node N <script> ...` starts N copies of the script, the ranks. Each steps its own
+# envs and computes the loss on its own batch; every minibatch the ranks average their gradients, so
+# all take the same Adam step and hold identical parameters: one agent learning from N times the data.
+# A plain `python <script>` run is rank 0 of 1, and none of these functions communicates.
+def init_distributed(use_cuda: bool) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); joins the other ranks when started by torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = use_cuda and torch.cuda.is_available()
+    if world_size == 1:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise UsageError(f"this node runs more ranks than its {torch.cuda.device_count()} GPU(s); use "
+                         f"--nproc-per-node {torch.cuda.device_count()}, or --no-cuda to train on the CPUs")
+    # One GPU per rank, talking over NCCL; CPU ranks talk over Gloo.
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return dist.get_rank(), world_size, device
+
+
+def all_sum(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """x summed over all ranks (x itself in a single-process run)."""
+    if world_size > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def average_gradients(params: list[torch.Tensor], world_size: int) -> None:
+    """Replace every rank's gradients by their mean over the ranks, in one flat all-reduce.
+
+    DistributedDataParallel does the same from hooks inside backward(); written out, the update stays
+    readable and works with agent.evaluate, which is not the module's forward().
+    """
+    if world_size == 1:
+        return
+    grads = [p.grad for p in params]
+    mean = all_sum(torch.cat([g.flatten() for g in grads]), world_size) / world_size
+    for g, m in zip(grads, mean.split([g.numel() for g in grads])):
+        g.copy_(m.view_as(g))
+
+
+def normalize_across_ranks(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Zero mean and unit std over the union of all ranks' minibatches.
+
+    Per-minibatch advantage normalization of a data-parallel run: the global minibatch is the union of
+    the ranks' minibatches, so its mean and std come from sums over all ranks.
+    """
+    s = all_sum(torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double(), world_size)
+    n, mean = s[0], s[1] / s[0]
+    std = ((s[2] - n * mean**2) / (n - 1)).clamp_min(0).sqrt()  # unbiased, as torch.std
+    return ((x - mean) / (std + 1e-8)).to(x.dtype)
+
+
+def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor, world_size: int) -> tuple[float, bool]:
+    """1 - Var(returns - values) / Var(returns) over all ranks' batches, and whether the returns vary.
+
+    Explained variance says little when returns barely vary (e.g. every episode hits the time limit):
+    the second value is False then.
+    """
+    y, e = y_true.double(), (y_true - y_pred).double()
+    s = all_sum(torch.stack([y.new_tensor(y.numel()), y.sum(), (y**2).sum(), e.sum(), (e**2).sum(), y.abs().sum()]),
+                world_size).tolist()
+    n = s[0]
+    var_y, var_e = (s[2] - s[1] ** 2 / n) / max(n - 1, 1), (s[4] - s[3] ** 2 / n) / max(n - 1, 1)
+    ev = 1 - var_e / var_y if var_y > 0 else float("nan")
+    return ev, var_y > 0 and var_y**0.5 > 0.05 * s[5] / n
+
+
+# ----------------------------------------------------------------------------------------------------
 # Saving, loading, logging
 # ----------------------------------------------------------------------------------------------------
 def save_atomic(obj: dict, path: str) -> None:
@@ -593,28 +675,41 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
             if ckpt["args"][name] != getattr(args, name):
                 raise UsageError(f"--resume {args.resume} was trained with --{name.replace('_', '-')} {ckpt['args'][name]}, "
                                  f"not {getattr(args, name)}; drop the option to continue as it was")
+        if len(ckpt["ranks"]) != args.world_size:
+            raise UsageError(f"--resume {args.resume} was written by a run of {len(ckpt['ranks'])} process(es), not "
+                             f"{args.world_size}; resume it with as many (torchrun --nproc-per-node, or plain python for 1)")
         args.run_name = ckpt["args"]["run_name"]
     run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     args.run_name = run_name.replace("/", "-")
+
+    if args.cuda and not torch.cuda.is_available():
+        print("note: no CUDA GPU is available; running on the CPU (--no-cuda silences this)", file=sys.stderr)
+    rank, world_size, device = init_distributed(args.cuda)
+    main_rank = rank == 0  # the one that logs, shows progress and writes files
+    if world_size > 1:
+        names = [args.run_name]
+        dist.broadcast_object_list(names, src=0)  # rank 0's clock names the run
+        args.run_name = names[0]
     run_dir = os.path.join("runs", args.run_name)
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    # Each rank its own random streams; rank 0 (and a single-process run) uses --seed itself.
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    if args.cuda and not torch.cuda.is_available():
-        print("note: no CUDA GPU is available; running on the CPU (--no-cuda silences this)", file=sys.stderr)
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
-    video_dir = os.path.join("videos", args.run_name) if args.capture_video else None
+    video_dir = os.path.join("videos", args.run_name) if args.capture_video and main_rank else None
     envs = make_envs(args.env_id, args.num_envs, video_dir, args.sticky_actions)
     check_spaces(args.env_id, envs)
     obs_shape = envs.single_observation_space.shape
     n_actions = int(envs.single_action_space.n)
 
     agent = Agent(n_actions).to(device)
+    if world_size > 1:
+        for p in agent.parameters():
+            dist.broadcast(p.data, src=0)  # every rank starts from rank 0's initialization
     # Adam eps 1e-5 (detail 3) instead of torch's 1e-8; the fused kernel does the whole step in one call.
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
 
@@ -639,36 +734,46 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UsageError(f"--resume {args.resume} does not fit this network ({str(e).splitlines()[0]})") from None
-        if ckpt["envs"] is not None:
+        mine = ckpt["ranks"][rank]
+        if mine["envs"] is not None:
             envs.close()
-            envs = restore_env_state(ckpt["envs"])
-        next_obs = ckpt["next_obs"]
-        next_valid = ckpt["next_valid"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
+            envs = restore_env_state(mine["envs"])
+        next_obs = mine["next_obs"]
+        next_valid = mine["next_valid"]
+        torch.set_rng_state(mine["rng"]["torch"])
+        np.random.set_state(mine["rng"]["numpy"])
+        random.setstate(mine["rng"]["python"])
         global_step, start_iteration = ckpt["global_step"], ckpt["iteration"] + 1
         episodes, elapsed_before = ckpt["episodes"], ckpt["elapsed"]
     else:
-        next_obs, _ = envs.reset(seed=args.seed)
+        # No two envs of the job share a seed: rank r's env i is seeded like env r * num_envs + i of one big run.
+        next_obs, _ = envs.reset(seed=args.seed + rank * N)
         next_valid = np.ones(N, dtype=bool)
     lives = np.array([env.unwrapped.ale.lives() for env in envs.unwrapped.envs])
     obs[T] = torch.as_tensor(next_obs, device=device)
 
-    def checkpoint(iteration: int) -> str:
+    def checkpoint(iteration: int) -> Optional[str]:
+        # Parameters and optimizer are the same on every rank; envs and random streams are each rank's own.
+        mine = {"envs": env_state(envs), "next_obs": obs[T].cpu().numpy(), "next_valid": next_valid.copy(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+        ranks = [mine]
+        if world_size > 1:
+            ranks = [None] * world_size if main_rank else None
+            dist.gather_object(mine, ranks, dst=0)
+        if not main_rank:
+            return None
         path = os.path.join(run_dir, "checkpoint.pt")
         save_atomic({
             "script": SCRIPT, "args": asdict(args), "iteration": iteration, "global_step": global_step,
-            "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "envs": env_state(envs),
-            "next_obs": obs[T].cpu().numpy(), "next_valid": next_valid.copy(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "ranks": ranks,
             "episodes": episodes, "elapsed": elapsed_before + time.time() - start_time,
         }, path)
         return path
 
-    os.makedirs(run_dir, exist_ok=True)
-    logger = Logger(run_dir, args)
-    progress = Progress(args.progress, args.total_timesteps, global_step)
+    if main_rank:
+        os.makedirs(run_dir, exist_ok=True)
+        logger = Logger(run_dir, args)
+    progress = Progress(args.progress and main_rank, args.total_timesteps, global_step)
     health = Health(progress, args.target_kl)
 
     # Ctrl-C finishes the current update, writes a checkpoint and stops; a second Ctrl-C quits at once.
@@ -678,7 +783,8 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         if stop_requested:
             raise KeyboardInterrupt
         stop_requested.append(True)
-        progress.warn("Ctrl-C: finishing this update, then writing a checkpoint (Ctrl-C again quits at once)")
+        if main_rank:
+            progress.warn("Ctrl-C: finishing this update, then writing a checkpoint (Ctrl-C again quits at once)")
 
     previous_handler = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
     start_time, start_step = time.time(), global_step
@@ -690,6 +796,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
 
             # --- rollout: the actor alone, no autograd bookkeeping ---
             obs[0] = obs[T]
+            seen = len(episodes["returns"])
             with torch.inference_mode():
                 for step in range(T):
                     valid[step] = next_valid
@@ -713,9 +820,15 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                         n_ended = int(ended.sum())
                         episodes["returns"].extend(info["episode"]["r"][ended].tolist())
                         episodes["lengths"].extend(info["episode"]["l"][ended].tolist())
-                        episodes["steps"].extend([global_step + (step + 1) * N] * n_ended)
+                        episodes["steps"].extend([global_step + (step + 1) * N * world_size] * n_ended)
                         episodes["times"].extend([elapsed_before + time.time() - start_time] * n_ended)
-            global_step += T * N
+            global_step += T * N * world_size
+            if world_size > 1:  # rank 0 logs the episodes of every rank
+                everyone = [None] * world_size if main_rank else None
+                dist.gather_object({k: v[seen:] for k, v in episodes.items()}, everyone, dst=0)
+                for other in everyone[1:] if main_rank else []:
+                    for k, v in other.items():
+                        episodes[k].extend(v)
 
             # --- advantages (log-probs and values came with the rollout's forward passes) ---
             b_obs, b_actions = obs[:-1].flatten(0, 1), actions.flatten(0, 1)
@@ -738,9 +851,13 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                 for mb in torch.tensor_split(perm, args.num_minibatches):
                     with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
                         newlogp, entropy, newvalue = agent.evaluate(b_obs[mb], b_actions[mb])
-                    loss, stats = ppo_loss(newlogp, b_logprobs[mb], b_advantages[mb], newvalue, b_values[mb],
+                    mb_advantages = b_advantages[mb]
+                    if world_size > 1 and args.norm_adv:  # normalize over the global minibatch, not this rank's part
+                        mb_advantages = normalize_across_ranks(mb_advantages, world_size)
+                    loss, stats = ppo_loss(newlogp, b_logprobs[mb], mb_advantages, newvalue, b_values[mb],
                                            b_returns[mb], entropy, clip_coef=args.clip_coef, vf_coef=args.vf_coef,
-                                           ent_coef=args.ent_coef, norm_adv=args.norm_adv, clip_vloss=args.clip_vloss)
+                                           ent_coef=args.ent_coef, norm_adv=args.norm_adv and world_size == 1,
+                                           clip_vloss=args.clip_vloss)
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(
                             f"the loss became {loss.item()} at step {global_step} (update {iteration}); training stopped "
@@ -748,26 +865,25 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                             f"is kept in {run_dir}")
                     optimizer.zero_grad()
                     loss.backward()
+                    average_gradients(list(agent.parameters()), world_size)
                     grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                     optimizer.step()
                     logratios.append(stats.pop("logratio"))
                     mb_stats.append(torch.stack([*stats.values(), grad_norm]))
                 shift = policy_shift(torch.cat(logratios), args.clip_coef)
+                # Averaged over the ranks, so that every rank takes the same early-stop decision.
+                shift = dict(zip(shift, all_sum(torch.stack(list(shift.values())), world_size) / world_size))
                 if args.target_kl is not None and shift["approx_kl"] > args.target_kl:
                     break  # early stop (detail 12): the policy already moved as far as we allow
 
-            # --- diagnostics: one host sync per update ---
+            # --- diagnostics, over all ranks: one host sync per update ---
             with torch.no_grad():
-                y_pred, y_true = b_values[b_inds], b_returns[b_inds]
-                var_y = y_true.var()
-                explained_var = 1 - (y_true - y_pred).var() / var_y if var_y > 0 else torch.tensor(float("nan"))
-                # Explained variance says little when returns barely vary (e.g. every episode hits the time limit).
-                returns_vary = (var_y.sqrt() > 0.05 * y_true.abs().mean()).item()
-            # Losses are averaged over all minibatches; the policy's shift is measured over the last epoch.
-            means = torch.stack(mb_stats).mean(0).tolist()
+                explained_var, returns_vary = explained_variance(b_values[b_inds], b_returns[b_inds], world_size)
+                # Losses are averaged over all minibatches; the policy's shift is measured over the last epoch.
+                means = (all_sum(torch.stack(mb_stats).mean(0), world_size) / world_size).tolist()
             m = {f"losses/{k}": v for k, v in zip([*stats.keys(), "grad_norm"], means)}
             m.update({f"losses/{k}": v.item() for k, v in shift.items()})
-            m["losses/explained_variance"] = explained_var.item()
+            m["losses/explained_variance"] = explained_var
             m["losses/epochs"] = epoch + 1
             elapsed = time.time() - start_time
             sps = (global_step - start_step) / elapsed
@@ -777,28 +893,36 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
             if recent:
                 m["charts/episodic_return"] = float(np.mean(recent))
                 m["charts/episodic_length"] = float(np.mean(episodes["lengths"][-20:]))
-            logger.log(m, global_step)
-            health.check(m, global_step, late=iteration > args.num_iterations // 2, returns_vary=returns_vary)
-            progress.update(global_step, sps, m.get("charts/episodic_return", float("nan")))
+            if main_rank:
+                logger.log(m, global_step)
+                health.check(m, global_step, late=iteration > args.num_iterations // 2, returns_vary=returns_vary)
+                progress.update(global_step, sps, m.get("charts/episodic_return", float("nan")))
 
+            stop = bool(stop_requested)
+            if world_size > 1:  # Ctrl-C reaches the ranks at slightly different moments: all stop together
+                stop = all_sum(torch.tensor(float(stop), device=device), world_size).item() > 0
             if args.checkpoint_every and iteration % args.checkpoint_every == 0:
                 checkpoint(iteration)
             if stop_at_step is not None and global_step >= stop_at_step:
                 break
-            if stop_requested:
+            if stop:
                 path = checkpoint(iteration)
-                progress.warn(f"stopped at step {global_step}; checkpoint written to {path}; continue with --resume {path}")
+                if main_rank:
+                    progress.warn(f"stopped at step {global_step}; checkpoint written to {path}; continue with --resume {path}")
                 interrupted = True
                 break
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
         progress.close()
-        logger.close()
         envs.close()
-        write_results(run_dir, args, episodes, global_step, elapsed_before + time.time() - start_time)
+        if main_rank:
+            logger.close()
+            write_results(run_dir, args, episodes, global_step, elapsed_before + time.time() - start_time)
+        if world_size > 1:
+            dist.destroy_process_group()
 
-    if args.save_model and not interrupted:
+    if args.save_model and not interrupted and main_rank:
         path = os.path.join(run_dir, "agent.pt")
         save_atomic({"script": SCRIPT, "args": asdict(args), "model": agent.state_dict(), "n_actions": n_actions}, path)
         print(f"saved agent to {path}", file=sys.stderr)
@@ -843,6 +967,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             default = Args(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__})
         args = tyro.cli(Args, args=argv, default=default, description=__doc__.split("\n")[0])
         if args.eval_checkpoint:
+            if args.world_size > 1:
+                raise UsageError("--eval-checkpoint plays in one process; run it with python, not torchrun")
             if args.eval_episodes <= 0:
                 raise UsageError(f"--eval-episodes is {args.eval_episodes}; it must be a positive integer")
             video_dir = os.path.join("videos", "eval-" + os.path.basename(os.path.dirname(os.path.abspath(args.eval_checkpoint)))) \

@@ -206,8 +206,34 @@ def test_policy_shift_diagnostics(ppo):
     assert ppo.policy_shift(lr, 0.2)["ess"].item() < 0.1
 
 
+# ------------------------------------------------------- data-parallel pieces, in one process
+def test_cross_rank_helpers_reduce_to_the_plain_formulas_in_one_process(ppo):
+    torch.manual_seed(0)
+    x = torch.randn(64) * 7 + 3
+    torch.testing.assert_close(ppo.normalize_across_ranks(x, 1), (x - x.mean()) / (x.std() + 1e-8))
+    assert torch.equal(ppo.all_sum(x, 1), x)
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([1.0, 2.0, 3.0])
+    ppo.average_gradients([p], 1)
+    assert p.grad.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_explained_variance(ppo):
+    torch.manual_seed(0)
+    y = torch.randn(500) * 4 + 10
+    pred = y + torch.randn(500)
+    ev, vary = ppo.explained_variance(pred, y, 1)
+    assert ev == pytest.approx((1 - (y - pred).var() / y.var()).item(), rel=1e-5) and vary
+    assert ppo.explained_variance(y, y, 1)[0] == pytest.approx(1.0)
+    assert ppo.explained_variance(torch.full((500,), y.mean()), y, 1)[0] == pytest.approx(0.0, abs=1e-6)
+    # Returns that barely vary (every episode cut by the time limit at the same value): EV means nothing.
+    assert ppo.explained_variance(pred, torch.full((500,), 10.0), 1)[1] is False
+
+
 # ------------------------------------------------------------------------------- agreement
-@pytest.mark.parametrize("name", ["compute_gae", "ppo_loss", "policy_shift", "layer_init", "save_atomic"])
+@pytest.mark.parametrize("name", ["compute_gae", "ppo_loss", "policy_shift", "layer_init", "save_atomic", "write_results",
+                                  "init_distributed", "all_sum", "average_gradients", "normalize_across_ranks",
+                                  "explained_variance"])
 def test_core_is_the_same_in_every_script(name):
     sources = {s: inspect.getsource(getattr(importlib.import_module(s), name)) for s in SCRIPTS}
     first = sources[SCRIPTS[0]]

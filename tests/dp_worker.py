@@ -1,0 +1,52 @@
+"""One rank of a data-parallel test run, started by torchrun:
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dp_worker.py ppo_discrete OUT [options]
+
+Trains through the script's own main() and writes what the rank ends with to OUT/rank<r>.pt, so that a
+test can compare the ranks. Environment variables make one rank fail on purpose:
+FAIL_RANK=<r> with FAIL_MODE=env (a bad --env-id on that rank only) or FAIL_MODE=update (an exception
+in the middle of training, while the other ranks wait for its gradients). STOP_AT=<step> ends training
+early (with the learning-rate schedule of the full run), as train(stop_at_step=...) does.
+"""
+
+import importlib
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+module_name, out, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+ppo = importlib.import_module(module_name)
+rank = int(os.environ["RANK"])
+
+if os.environ.get("FAIL_RANK") == str(rank):
+    if os.environ["FAIL_MODE"] == "env":
+        argv = argv + ["--env-id", "NoSuchEnv-v0"]
+    else:
+        average_gradients, calls = ppo.average_gradients, []
+
+        def failing(params, world_size):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError(f"injected failure on rank {rank}")
+            average_gradients(params, world_size)
+
+        ppo.average_gradients = failing
+
+train = ppo.train
+
+
+def train_and_record(args, stop_at_step=None):
+    stop = os.environ.get("STOP_AT")
+    result = train(args, stop_at_step=int(stop) if stop else None)
+    torch.save({"model": result["agent"].state_dict(), "global_step": result["global_step"],
+                "episodes": len(result["episodes"]["returns"]), "obs_rms": result.get("obs_rms"),
+                "minibatch_size": args.minibatch_size, "world_size": args.world_size},
+               os.path.join(out, f"rank{rank}.pt"))
+    return result
+
+
+ppo.train = train_and_record
+sys.exit(ppo.main(argv))

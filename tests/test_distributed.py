@@ -1,0 +1,150 @@
+"""Data-parallel training under torchrun, on the CPU with Gloo: two ranks on this machine."""
+
+import glob
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import ppo_continuous
+import ppo_discrete
+from helpers import ROOT, same_params
+
+WORKER = os.path.join(ROOT, "tests", "dp_worker.py")
+# 2 ranks x 2 envs x 64 steps = one global batch of 256; 2048 steps = 8 updates.
+SMALL = ["--total-timesteps", "2048", "--num-envs", "2", "--num-steps", "64", "--no-progress", "--checkpoint-every", "4"]
+
+
+def torchrun(module: str, out, *args: str, timeout: float = 120, **env) -> subprocess.CompletedProcess:
+    os.makedirs(out, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--monitor-interval", "0.5", WORKER, module, str(out), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})
+
+
+def ranks(out) -> list[dict]:
+    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(2)]
+
+
+def check_reductions(rank: int, init_file: str) -> None:
+    """Run in each of two spawned ranks: the cross-rank helpers equal the formulas on the joined data."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    adv, y, pred = torch.randn(2, 40) * 5 + 2, torch.randn(2, 60) * 3 + 7, torch.randn(2, 60)
+    pred = y + pred
+    # Per-minibatch advantage normalization over the union of the ranks' minibatches.
+    joined = (adv.flatten() - adv.mean()) / (adv.std() + 1e-8)
+    torch.testing.assert_close(ppo_discrete.normalize_across_ranks(adv[rank], 2), joined.view(2, 40)[rank])
+    ev, _ = ppo_discrete.explained_variance(pred[rank], y[rank], 2)
+    assert ev == pytest.approx((1 - (y - pred).var() / y.var()).item(), rel=1e-5)
+    p = torch.nn.Parameter(torch.zeros(2, 3))
+    p.grad = torch.full((2, 3), float(rank))
+    ppo_discrete.average_gradients([p], 2)
+    assert torch.equal(p.grad, torch.full((2, 3), 0.5))
+    dist.destroy_process_group()
+
+
+def test_cross_rank_helpers_on_two_ranks(tmp_path):
+    torch.multiprocessing.spawn(check_reductions, args=(str(tmp_path / "init"),), nprocs=2)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    """One 8-update run of ppo_discrete.py on two ranks, in a folder of its own."""
+    folder = tmp_path_factory.mktemp("dp")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        proc = torchrun("ppo_discrete", folder / "out", *SMALL, "--run-name", "full", "--save-model")
+    finally:
+        os.chdir(cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder
+
+
+def test_two_ranks_hold_identical_parameters_and_count_global_steps(two_rank_run):
+    r0, r1 = ranks(two_rank_run / "out")
+    assert same_params(r0["model"], r1["model"])
+    assert r0["global_step"] == r1["global_step"] == 2048
+    # Rank 0 logs every rank's episodes; rank 1 keeps only its own.
+    assert r0["episodes"] > r1["episodes"] > 0
+    # Only rank 0 wrote logs and files: one run folder, one TensorBoard file.
+    assert os.listdir(two_rank_run / "runs") == ["full"]
+    assert len(glob.glob(str(two_rank_run / "runs" / "full" / "events.out.tfevents.*"))) == 1
+    saved = torch.load(two_rank_run / "runs" / "full" / "agent.pt", weights_only=True)
+    assert same_params(saved["model"], r0["model"])
+
+
+def test_same_updates_as_one_process_with_the_same_global_batch(two_rank_run, in_tmp_dir):
+    ckpt2 = torch.load(two_rank_run / "runs" / "full" / "checkpoint.pt", weights_only=False)
+    # One process with 4 envs collects the same 256 transitions per update as 2 ranks with 2 each.
+    ppo_discrete.train(ppo_discrete.Args(total_timesteps=2048, num_envs=4, num_steps=64, progress=False,
+                                         checkpoint_every=4, run_name="one"))
+    ckpt1 = torch.load(in_tmp_dir / "runs" / "one" / "checkpoint.pt", weights_only=False)
+    assert ckpt1["iteration"] == ckpt2["iteration"] == 8
+    assert ckpt1["global_step"] == ckpt2["global_step"] == 2048
+    # The same number of Adam steps (8 updates x 4 epochs x 4 minibatches) on minibatches of the same size.
+    steps = [float(c["optimizer"]["state"][0]["step"]) for c in (ckpt1, ckpt2)]
+    assert steps == [128.0, 128.0]
+    r0, _ = ranks(two_rank_run / "out")
+    assert r0["world_size"] * r0["minibatch_size"] == ppo_discrete.Args(num_envs=4, num_steps=64).minibatch_size
+    assert len(ckpt2["ranks"]) == 2 and len(ckpt1["ranks"]) == 1
+
+
+def test_resume_of_a_two_rank_run_matches_the_run_that_was_not_stopped(two_rank_run, in_tmp_dir):
+    part = torchrun("ppo_discrete", in_tmp_dir / "a", *SMALL, "--run-name", "part", STOP_AT="1024")
+    assert part.returncode == 0, part.stderr[-3000:]
+    assert ranks(in_tmp_dir / "a")[0]["global_step"] == 1024
+    rest = torchrun("ppo_discrete", in_tmp_dir / "b", "--resume", "runs/part/checkpoint.pt")
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    resumed, full = ranks(in_tmp_dir / "b"), ranks(two_rank_run / "out")
+    assert resumed[0]["global_step"] == 2048
+    assert same_params(resumed[0]["model"], full[0]["model"])
+    assert same_params(resumed[1]["model"], full[1]["model"])
+
+
+def test_resume_with_another_number_of_processes_says_so(two_rank_run, capsys):
+    path = str(two_rank_run / "runs" / "full" / "checkpoint.pt")
+    assert ppo_discrete.main(["--resume", path, "--total-timesteps", "4096"]) == 2
+    err = capsys.readouterr().err
+    assert "2 process(es), not 1" in err and "--nproc-per-node" in err
+
+
+@pytest.mark.parametrize("mode, message", [("env", "NoSuchEnv-v0"), ("update", "injected failure on rank 1")])
+def test_one_failing_rank_ends_the_job(in_tmp_dir, mode, message):
+    start = time.time()
+    proc = torchrun("ppo_discrete", in_tmp_dir / "out", *SMALL, "--run-name", "fail", timeout=90,
+                    FAIL_RANK="1", FAIL_MODE=mode)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert time.time() - start < 90
+
+
+def test_continuous_ranks_share_parameters_and_normalization(in_tmp_dir):
+    proc = torchrun("ppo_continuous", in_tmp_dir / "out", "--env-id", "InvertedPendulum-v5", "--total-timesteps", "2048",
+                    "--num-envs", "1", "--num-steps", "256", "--num-minibatches", "4", "--update-epochs", "2",
+                    "--no-progress", "--run-name", "c", "--save-model")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = ranks(in_tmp_dir / "out")
+    assert same_params(r0["model"], r1["model"])
+    # Every rank normalizes with the statistics of all ranks' observations: 2048 of them plus the resets.
+    for k in ("mean", "var"):
+        torch.testing.assert_close(r0["obs_rms"][k], r1["obs_rms"][k], rtol=0, atol=0)
+    assert r0["obs_rms"]["count"] == pytest.approx(2048 + 2, abs=1)
+    saved = torch.load(in_tmp_dir / "runs" / "c" / "agent.pt", weights_only=False)
+    torch.testing.assert_close(saved["obs_rms"]["mean"], r0["obs_rms"]["mean"], rtol=0, atol=0)
+
+
+def test_atari_ranks_share_parameters(in_tmp_dir):
+    proc = torchrun("ppo_atari", in_tmp_dir / "out", "--total-timesteps", "256", "--num-envs", "1", "--num-steps", "64",
+                    "--num-minibatches", "2", "--update-epochs", "1", "--no-cuda", "--torch-threads", "1",
+                    "--no-progress", "--run-name", "a")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = ranks(in_tmp_dir / "out")
+    assert same_params(r0["model"], r1["model"])
+    assert r0["global_step"] == 256
