@@ -13,6 +13,7 @@ on the way to the env, observation normalization and clipping, reward scaling an
 """
 
 import copy
+import ctypes.util
 import csv
 import difflib
 import json
@@ -39,8 +40,9 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 SCRIPT = "ppo_continuous"
-# MuJoCo renders through EGL on a machine without a display (osmesa is rarely installed).
-if not os.environ.get("DISPLAY"):
+# MuJoCo renders through EGL on a machine without a display (osmesa is rarely installed). Only where
+# libEGL exists: asking for EGL without it makes `import mujoco` itself fail, video or not.
+if not os.environ.get("DISPLAY") and ctypes.util.find_library("EGL"):
     os.environ.setdefault("MUJOCO_GL", "egl")
 
 

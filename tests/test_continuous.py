@@ -2,6 +2,8 @@
 
 import glob
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import torch
 
 import gymnasium as gym
 import ppo_continuous as ppo
-from helpers import ConstantEnv, assert_bad_input, register_test_envs, run_script, same_params
+from helpers import ROOT, ConstantEnv, assert_bad_input, register_test_envs, run_script, same_params
 
 register_test_envs()
 SCRIPT = "ppo_continuous.py"
@@ -177,3 +179,12 @@ def test_learns_inverted_pendulum():
     best = np.convolve(returns, np.ones(10) / 10, mode="valid").max()
     assert best >= 900, f"best mean of 10 consecutive episodes: {best:.1f}"
 
+
+
+def test_egl_is_asked_for_only_where_libegl_exists():
+    # Asking MuJoCo for EGL without libEGL makes `import mujoco` fail, which would stop training itself.
+    code = ("import ctypes.util, os, sys; ctypes.util.find_library = lambda name: None; "
+            "os.environ.pop('MUJOCO_GL', None); os.environ.pop('DISPLAY', None); sys.path.insert(0, sys.argv[1]); "
+            "import ppo_continuous; print(os.environ.get('MUJOCO_GL'))")
+    out = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr[-2000:]
