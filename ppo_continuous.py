@@ -574,8 +574,10 @@ def write_results(run_dir: str, args: Args, episodes: dict, global_step: int, el
         out.writerow(["global_step", "time_s", "return", "length"])
         out.writerows(zip(episodes["steps"], (round(t, 3) for t in episodes["times"]), episodes["returns"], episodes["lengths"]))
     summary = {"script": SCRIPT, "env_id": args.env_id, "seed": args.seed, "global_step": global_step,
-               "total_timesteps": args.total_timesteps, "time_s": round(elapsed, 3), "sps": round(global_step / max(elapsed, 1e-9), 1),
-               "episodes": len(episodes["returns"]), "final_return": float(np.mean(episodes["returns"][-100:])) if episodes["returns"] else None}
+               "total_timesteps": args.total_timesteps,
+               "finished": global_step >= args.num_iterations * args.batch_size * args.world_size,  # every update done
+               "time_s": round(elapsed, 3), "sps": round(global_step / max(elapsed, 1e-9), 1), "episodes": len(episodes["returns"]),
+               "final_return": float(np.mean(episodes["returns"][-100:])) if episodes["returns"] else None}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
 

@@ -20,18 +20,20 @@ from typing import Optional
 import numpy as np
 import tyro
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS, SUITES, load_script, python, rolling_mean
 
 # One entry per script: the env, the budget, the return that counts as solved, and the matching SB3 setup.
 CONFIGS = {
     "discrete": dict(
-        script="ppo_discrete", env_id="CartPole-v1", total_timesteps=500_000, threshold=475.0, window=20,
+        script=SUITES["classic"].script, env_id="CartPole-v1", total_timesteps=SUITES["classic"].total_timesteps,
+        threshold=475.0, window=20,
         sb3=dict(n_envs=4, n_steps=128, batch_size=128, n_epochs=4, learning_rate=2.5e-4, gamma=0.99,
                  gae_lambda=0.95, clip_range=0.2, clip_range_vf=0.2, ent_coef=0.01, vf_coef=0.5,
                  max_grad_norm=0.5, net=[64, 64], normalize=False),
     ),
     "continuous": dict(
-        script="ppo_continuous", env_id="HalfCheetah-v5", total_timesteps=1_000_000, threshold=1000.0, window=10,
+        script=SUITES["mujoco"].script, env_id="HalfCheetah-v5", total_timesteps=SUITES["mujoco"].total_timesteps,
+        threshold=1000.0, window=10,
         sb3=dict(n_envs=1, n_steps=2048, batch_size=64, n_epochs=10, learning_rate=3e-4, gamma=0.99,
                  gae_lambda=0.95, clip_range=0.2, clip_range_vf=0.2, ent_coef=0.0, vf_coef=0.5,
                  max_grad_norm=0.5, net=[64, 64], normalize=True, policy_kwargs=dict(log_std_init=0.0)),
@@ -39,7 +41,8 @@ CONFIGS = {
     # Atari: SB3's AtariWrapper does the same preprocessing (no-ops, skip 4 with max, life loss as the end
     # for learning, FIRE reset, sign-clipped rewards, 84x84 gray) and VecFrameStack stacks 4 frames.
     "atari": dict(
-        script="ppo_atari", env_id="BreakoutNoFrameskip-v4", total_timesteps=10_000_000, threshold=None, window=20,
+        script=SUITES["atari"].script, env_id="BreakoutNoFrameskip-v4", total_timesteps=SUITES["atari"].total_timesteps,
+        threshold=None, window=20,
         ours=dict(cuda=False),
         sb3=dict(n_envs=8, n_steps=128, batch_size=256, n_epochs=4, learning_rate=2.5e-4, gamma=0.99,
                  gae_lambda=0.95, clip_range=0.1, clip_range_vf=0.1, ent_coef=0.01, vf_coef=0.5,
@@ -62,7 +65,7 @@ class Bench:
     """budget per run (default: the script's default)"""
     sb3: bool = True
     """also run Stable-Baselines3 with the same hyperparameters"""
-    out: str = os.path.join(ROOT, "benchmark", "results")
+    out: str = RESULTS
     """folder for the JSON results"""
     worker: Optional[str] = None
     """internal: run one job (ours or sb3) and print its result as JSON"""
@@ -75,7 +78,7 @@ def time_to_threshold(steps, times, returns, threshold, window):
     r = np.asarray(returns, dtype=float)
     if threshold is None or len(r) < window:
         return None, None
-    rolling = np.convolve(r, np.ones(window) / window, mode="valid")
+    rolling = rolling_mean(r, window)[window - 1:]
     hit = np.nonzero(rolling >= threshold)[0]
     if len(hit) == 0:
         return None, None
@@ -84,8 +87,7 @@ def time_to_threshold(steps, times, returns, threshold, window):
 
 
 def run_ours(cfg: dict, seed: int, total: int) -> dict:
-    sys.path.insert(0, ROOT)
-    module = __import__(cfg["script"])
+    module = load_script(cfg["script"])
     os.chdir(tempfile.mkdtemp())
     args = module.Args(env_id=cfg["env_id"], seed=seed, total_timesteps=total, progress=False, run_name=f"bench-{seed}",
                        **cfg.get("ours", {}))
@@ -176,8 +178,8 @@ def main(bench: Bench) -> None:
     results: dict[str, list[dict]] = {impl: [] for impl in impls}
     for seed in bench.seeds:
         for impl in impls:
-            cmd = [sys.executable, os.path.abspath(__file__), "--algo", bench.algo, "--worker", impl, "--seed", str(seed),
-                   "--total-timesteps", str(total), "--env-id", cfg["env_id"]] + (["--bf16"] if bench.bf16 else [])
+            cmd = python(os.path.abspath(__file__), "--algo", bench.algo, "--worker", impl, "--seed", seed,
+                         "--total-timesteps", total, "--env-id", cfg["env_id"], *(["--bf16"] if bench.bf16 else []))
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode != 0 or not line:

@@ -1,0 +1,202 @@
+"""The benchmark suite and its report: the statistics, the report on fabricated runs, and tiny suites end to end."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+import common  # noqa: E402
+import report  # noqa: E402
+import suite  # noqa: E402
+
+TINY = ["--envs", "CartPole-v1", "--total-timesteps", "1024", "--jobs", "1"]
+
+
+def run_suite(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "suite.py"), *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def read_csv(path: str) -> dict[str, dict]:
+    with open(path, newline="") as f:
+        return {row["env_id"]: row for row in csv.DictReader(f)}
+
+
+def is_png(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------------
+def test_bootstrap_ci_of_constant_data_has_zero_width():
+    lo, hi = report.bootstrap_ci([490.04] * 3)
+    assert lo == hi and lo == pytest.approx(490.04)
+    assert report.bootstrap_ci([7.0]) == pytest.approx((7.0, 7.0))
+
+
+def test_bootstrap_ci_contains_the_mean_and_is_deterministic():
+    values = [100.0, 250.0, 480.0]
+    lo, hi = report.bootstrap_ci(values)
+    assert min(values) <= lo < np.mean(values) < hi <= max(values)
+    assert report.bootstrap_ci(values) == (lo, hi)
+
+
+def test_bootstrap_ci_of_two_seeds():
+    # Resampled means of [0, 1] are 0, 0.5 and 1 with odds 1/4, 1/2, 1/4: the 2.5% and 97.5% points are 0 and 1.
+    assert report.bootstrap_ci([0.0, 1.0]) == (0.0, 1.0)
+    assert all(math.isnan(x) for x in report.bootstrap_ci([]))
+
+
+def test_rolling_mean_averages_what_there_is_so_far():
+    np.testing.assert_allclose(common.rolling_mean([2, 4, 6, 8], 2), [2, 3, 5, 7])
+    np.testing.assert_allclose(common.rolling_mean([1, 2, 3], 100), [1, 1.5, 2])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report on fabricated runs
+# ----------------------------------------------------------------------------------------------------
+def fake_run(folder, name, env_id, seed, final, global_step=1000, total=1000, time_s=10.0, episodes=150):
+    """A run whose last 100 episodes all return `final` (the first ones return 0)."""
+    run_dir = os.path.join(folder, "runs", name)
+    os.makedirs(run_dir)
+    steps = np.linspace(10, global_step, episodes).astype(int)
+    returns = [0.0] * (episodes - 100) + [final] * 100
+    with open(os.path.join(run_dir, "episodes.csv"), "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["global_step", "time_s", "return", "length"])
+        out.writerows((s, round(time_s * s / global_step, 3), r, 20) for s, r in zip(steps, returns))
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump({"script": "ppo_discrete", "env_id": env_id, "seed": seed, "global_step": global_step,
+                   "total_timesteps": total, "finished": global_step >= total, "time_s": time_s, "sps": global_step / time_s, "episodes": episodes,
+                   "final_return": final}, f)
+
+
+def test_report_on_fabricated_runs(tmp_path):
+    folder = str(tmp_path / "classic")
+    finals = {1: 480.0, 2: 500.0, 3: 460.0}
+    for seed, final in finals.items():
+        fake_run(folder, f"CartPole-v1__{seed}", "CartPole-v1", seed, final, time_s=10.0 * seed)
+    fake_run(folder, "Acrobot-v1__1", "Acrobot-v1", 1, -90.0)
+    fake_run(folder, "MountainCar-v0__1", "MountainCar-v0", 1, -200.0, global_step=500)  # stopped halfway
+    os.makedirs(os.path.join(folder, "runs", "MountainCar-v0__2"))  # still running: no files yet
+
+    report.write_report(folder)
+
+    rows = read_csv(os.path.join(folder, "results.csv"))
+    assert list(rows) == ["CartPole-v1", "Acrobot-v1"]  # the suite's order; unfinished runs left out
+    cart = rows["CartPole-v1"]
+    assert int(cart["seeds"]) == 3
+    assert float(cart["final_return_mean"]) == pytest.approx(480.0)
+    assert float(cart["final_return_std"]) == pytest.approx(np.std([480.0, 500.0, 460.0]), abs=1e-4)
+    assert 460.0 <= float(cart["ci95_low"]) < 480.0 < float(cart["ci95_high"]) <= 500.0
+    assert float(cart["wall_time_s"]) == pytest.approx(20.0)
+    assert float(cart["sps"]) == pytest.approx(np.mean([100.0, 50.0, 1000 / 30]), abs=1e-3)
+    assert int(cart["total_steps"]) == 3000 and int(cart["steps_per_run"]) == 1000
+    assert (cart["ref_env"], float(cart["ref_mean"]), float(cart["ref_std"])) == ("CartPole-v1", 490.04, 6.12)
+    acro = rows["Acrobot-v1"]
+    assert int(acro["seeds"]) == 1 and float(acro["final_return_mean"]) == -90.0
+    assert float(acro["final_return_std"]) == 0.0 and float(acro["ci95_low"]) == float(acro["ci95_high"]) == -90.0
+
+    md = open(os.path.join(folder, "results.md")).read()
+    assert "| CartPole-v1 | 3 | 480.00 ± 16.33 | [" in md
+    assert "490.04 ± 6.12 (CartPole-v1)" in md and "-86.36 ± 1.32 (Acrobot-v1)" in md
+    assert "MountainCar-v0__1: stopped at step 500 of 1,000" in md
+    assert "MountainCar-v0__2: no summary.json" in md
+    assert "https://docs.cleanrl.dev/rl-algorithms/ppo/" in md
+    for name in ("curves_steps.png", "curves_time.png"):
+        assert is_png(os.path.join(folder, name)) and f"({name})" in md
+
+
+def test_report_without_finished_runs(tmp_path):
+    folder = str(tmp_path / "classic")
+    fake_run(folder, "CartPole-v1__1", "CartPole-v1", 1, 10.0, global_step=500)
+    assert report.write_report(folder) == []
+    assert read_csv(os.path.join(folder, "results.csv")) == {}
+    assert "No finished runs yet." in open(os.path.join(folder, "results.md")).read()
+
+
+# ----------------------------------------------------------------------------------------------------
+# References
+# ----------------------------------------------------------------------------------------------------
+def test_every_env_of_every_suite_has_a_reference_entry():
+    refs = report.load_references()
+    envs = {env for s in common.SUITES.values() for env in s.envs}
+    assert set(refs) == envs
+    for env, ref in refs.items():
+        assert {"reference_env", "mean", "std", "source", "url"} <= set(ref), env
+        assert ref["mean"] is None or isinstance(ref["mean"], (int, float)), env
+    # Our MuJoCo envs are -v5; the published figures are for -v4.
+    assert refs["HalfCheetah-v5"]["reference_env"] == "HalfCheetah-v4"
+    assert refs["BreakoutNoFrameskip-v4"]["mean"] == 414.66
+
+
+# ----------------------------------------------------------------------------------------------------
+# The suite
+# ----------------------------------------------------------------------------------------------------
+def test_suite_runs_then_reruns_nothing(tmp_path):
+    out = str(tmp_path / "results")
+    first = run_suite("classic", *TINY, "--seeds", "2", "--out", out)
+    assert first.returncode == 0, first.stdout + first.stderr
+    folder = os.path.join(out, "classic")
+    summaries = [os.path.join(folder, "runs", f"CartPole-v1__{s}", "summary.json") for s in (1, 2)]
+    for path in summaries:
+        assert json.load(open(path))["global_step"] == 1024
+        assert os.path.exists(os.path.join(os.path.dirname(path), "output.log"))
+    assert int(read_csv(os.path.join(folder, "results.csv"))["CartPole-v1"]["seeds"]) == 2
+    assert is_png(os.path.join(folder, "curves_steps.png")) and is_png(os.path.join(folder, "curves_time.png"))
+
+    stamps = [os.stat(p).st_mtime_ns for p in summaries]
+    second = run_suite("classic", *TINY, "--seeds", "2", "--out", out)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "2 of the 2 runs already finished" in second.stdout and "start" not in second.stdout
+    assert [os.stat(p).st_mtime_ns for p in summaries] == stamps
+
+
+def test_suite_resumes_a_stopped_run_and_reports_a_failed_one(tmp_path, monkeypatch):
+    folder = tmp_path / "classic"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    # Seed 1: stopped halfway with a checkpoint, as Ctrl-C leaves it.
+    ppo = common.load_script("ppo_discrete")
+    ppo.train(ppo.Args(env_id="CartPole-v1", seed=1, total_timesteps=1024, run_name="CartPole-v1__1", checkpoint_every=1,
+                       progress=False), stop_at_step=512)
+    partial = report.read_episodes("runs/CartPole-v1__1/episodes.csv")
+    # Seed 2: a checkpoint that cannot be read, so the run fails.
+    os.makedirs("runs/CartPole-v1__2")
+    open("runs/CartPole-v1__2/checkpoint.pt", "w").write("not a checkpoint")
+
+    result = run_suite("classic", *TINY, "--seeds", "2", "--out", str(tmp_path))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "start CartPole-v1__1 (resuming from its checkpoint)" in result.stdout
+    assert "FAILED CartPole-v1__2" in result.stdout and "cannot be read" in result.stdout
+    assert "1 run(s) failed: CartPole-v1__2" in result.stderr
+    assert json.load(open("runs/CartPole-v1__1/summary.json"))["global_step"] == 1024
+    assert "--resume" in open("runs/CartPole-v1__1/output.log").readline()
+    whole = report.read_episodes("runs/CartPole-v1__1/episodes.csv")
+    n = len(partial["return"])
+    np.testing.assert_array_equal(whole["return"][:n], partial["return"])  # the first half is kept, not re-run
+    assert int(read_csv("results.csv")["CartPole-v1"]["seeds"]) == 1  # the report still comes out
+
+
+def test_suite_refuses_bad_input(tmp_path, capsys):
+    def refused(argv, expected, out=str(tmp_path)):
+        assert suite.main(argv + ["--out", out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and expected in err, err
+
+    refused(["classic", "--envs", "Hopper-v5"], "not in the classic suite")
+    refused(["classic", "--seeds", "0"], "--seeds is 0")
+    os.makedirs(tmp_path / "classic")
+    json.dump({"total_timesteps": 1024}, open(tmp_path / "classic" / "suite.json", "w"))
+    refused(["classic", "--total-timesteps", "2048"], "holds runs of 1,024 steps, not 2,048")
+    refused(["classic", "--report-only"], "holds no runs yet", out=str(tmp_path / "empty"))
