@@ -1,5 +1,7 @@
 """ppo_atari.py: the preprocessing on real ROMs, the CNN, life loss, end to end, resume, bad input."""
 
+import cv2
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -138,3 +140,76 @@ def test_bfloat16_autocast_trains():
     result = ppo.train(tiny(bf16=True, run_name="bf16"))
     assert result["global_step"] == 256
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in result["agent"].parameters())
+
+
+def find_wrapper(env, kind):
+    return next(w for w in iter_wrappers(env) if isinstance(w, kind))
+
+
+def test_up_to_30_noops_at_reset():
+    # Ms. Pac-Man has no FIRE action, so the frames played at reset are the no-ops alone, one frame each
+    # (the emulator itself does not skip frames).
+    env = ppo.make_env("MsPacmanNoFrameskip-v4", 0, None)()
+    assert find_wrapper(env, gym.wrappers.AtariPreprocessing).noop_max == 30
+    frames = set()
+    for seed in range(10):
+        env.reset(seed=seed)
+        frames.add(env.unwrapped.ale.getEpisodeFrameNumber())
+    assert all(1 <= f <= 30 for f in frames) and len(frames) >= 5  # a random number of no-ops per episode
+
+
+def test_one_step_plays_4_frames_and_sees_the_max_of_the_last_two():
+    env = ppo.make_env("BreakoutNoFrameskip-v4", 0, None)()
+    assert find_wrapper(env, gym.wrappers.AtariPreprocessing).frame_skip == 4
+    ale = env.unwrapped.ale
+    env.reset(seed=0)
+    for _ in range(12):  # until the ball is in flight, so consecutive frames differ
+        env.step(0)
+    before, frame = ale.cloneState(), ale.getEpisodeFrameNumber()
+    obs, *_ = env.step(3)
+    assert ale.getEpisodeFrameNumber() == frame + 4
+
+    # The same 4 frames again by hand, one emulator frame at a time.
+    ale.restoreState(before)
+    screens = []
+    for _ in range(4):
+        env.unwrapped.step(3)
+        screens.append(ale.getScreenGrayscale())
+    shrink = lambda img: cv2.resize(img, (84, 84), interpolation=cv2.INTER_AREA)  # noqa: E731
+    np.testing.assert_array_equal(obs[-1], shrink(np.maximum(screens[2], screens[3])))
+    assert not np.array_equal(obs[-1], shrink(screens[3]))  # the max matters here: the ball moved
+
+
+def test_frames_are_scaled_to_0_1_inside_the_network():
+    torch.manual_seed(0)
+    agent = ppo.Agent(4)
+    obs = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(agent.hidden(obs), agent.network(obs.float() / 255.0), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(agent.hidden(obs), agent.network(obs.float()), rtol=1e-2)
+
+
+def test_fire_is_pressed_after_a_lost_life():
+    class Recorder(gym.Wrapper):
+        def __init__(self, env):
+            super().__init__(env)
+            self.actions = []
+
+        def step(self, action):
+            self.actions.append(int(action))
+            return self.env.step(action)
+
+    env = ppo.make_env("BreakoutNoFrameskip-v4", 0, None)()
+    fire = find_wrapper(env, ppo.FireOnReset)
+    fire.env = recorder = Recorder(fire.env)  # sees every action FireOnReset sends down
+    env.reset(seed=0)
+    assert recorder.actions == [1]
+    lives = env.unwrapped.ale.lives()
+    for _ in range(1000):  # the paddle stands still, so the ball is soon missed
+        recorder.actions.clear()
+        _, _, terminated, truncated, info = env.step(0)
+        if info["lives"] < lives:
+            break
+        assert recorder.actions == [0]
+    assert info["lives"] == lives - 1 and not (terminated or truncated)
+    assert recorder.actions == [0, 1]  # the NOOP that lost the life, then FIRE to serve the next ball

@@ -11,6 +11,7 @@ import torch
 
 import gymnasium as gym
 import ppo_continuous as ppo
+from gymnasium.wrappers.utils import RunningMeanStd
 from helpers import ROOT, ConstantEnv, assert_bad_input, register_test_envs, run_script, same_params
 
 register_test_envs()
@@ -188,3 +189,59 @@ def test_egl_is_asked_for_only_where_libegl_exists():
             "import ppo_continuous; print(os.environ.get('MUJOCO_GL'))")
     out = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr[-2000:]
+
+
+def test_policy_loss_sends_no_gradient_into_the_critic():
+    agent = ppo.Agent(4, 2)
+    obs, act = torch.randn(16, 4), torch.randn(16, 2)
+    newlogp, entropy, newvalue = agent.evaluate(obs, act)
+    z = torch.zeros(16)
+    loss, _ = ppo.ppo_loss(newlogp, newlogp.detach() - 0.05, torch.randn(16), newvalue, z, z, entropy,
+                           clip_coef=0.2, vf_coef=0.0, ent_coef=0.01)
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in agent.critic.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in agent.actor_mean.parameters())
+    assert agent.actor_logstd.grad is not None and agent.actor_logstd.grad.any()
+
+
+def random_steps(envs, n=200, seed=0):
+    """Observations and rewards of n steps of random actions, from reset(seed)."""
+    obs, _ = envs.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    all_obs, rewards = [obs], []
+    for _ in range(n):
+        obs, reward, *_ = envs.step(rng.uniform(-1, 1, size=(1, 6)).astype(np.float32))
+        all_obs.append(obs)
+        rewards.append(reward)
+    return np.concatenate(all_obs), np.concatenate(rewards)
+
+
+def test_observations_are_clipped_to_clip_obs():
+    obs, _ = random_steps(ppo.make_envs("HalfCheetah-v5", 1, None, 0.99, 0.1, 10.0))
+    assert np.abs(obs).max() <= np.float32(0.1)
+    assert (np.abs(obs) == np.float32(0.1)).mean() > 0.2  # normalized observations often reach past 0.1
+
+
+def test_scaled_rewards_are_clipped_to_clip_reward():
+    _, rewards = random_steps(ppo.make_envs("HalfCheetah-v5", 1, None, 0.99, 10.0, 0.1))
+    _, unclipped = random_steps(ppo.make_envs("HalfCheetah-v5", 1, None, 0.99, 10.0, 1e9))
+    assert np.abs(unclipped).max() > 0.1 and np.abs(rewards).max() <= 0.1
+    np.testing.assert_array_equal(rewards, np.clip(unclipped, -0.1, 0.1))
+
+
+def test_rewards_are_divided_by_the_running_std_of_the_discounted_return():
+    gamma = 0.9
+    _, scaled = random_steps(ppo.make_envs("HalfCheetah-v5", 1, None, gamma, 10.0, 1e9))
+    # The same actions in a bare env (HalfCheetah episodes last 1000 steps: no reset in 200).
+    raw_env, rng = gym.make("HalfCheetah-v5"), np.random.default_rng(0)
+    raw_env.reset(seed=0)
+    raw = np.array([raw_env.step(rng.uniform(-1, 1, size=6).astype(np.float32))[1] for _ in range(200)])
+    # gymnasium's NormalizeReward: G_t = gamma * G_{t-1} + r_t, its running variance updated with G_t
+    # (starting from variance 1 with weight 1e-4), then r_t / sqrt(var + 1e-8).
+    stats, ret, expected = RunningMeanStd(shape=()), 0.0, []
+    for r in raw:
+        ret = gamma * ret + r
+        stats.update(np.array([ret]))
+        expected.append(r / np.sqrt(stats.var + 1e-8))
+    np.testing.assert_allclose(scaled, expected, rtol=1e-5)
+    assert not np.allclose(scaled, raw, rtol=0.1)

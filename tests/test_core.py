@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from helpers import ROOT
 
@@ -251,3 +252,94 @@ def test_core_gives_the_same_numbers_in_every_script():
     for m in mods[1:]:
         np.testing.assert_array_equal(gae(m, r, v, term, done, 0.99, 0.95), ref)
         assert torch.equal(m.ppo_loss(*args, clip_coef=0.2, vf_coef=0.5, ent_coef=0.01)[0], ref_loss)
+
+
+# -------------------------------------------------------------------- tiny training runs of every script
+TINY_ENV = {"ppo_discrete": "CartPole-v1", "ppo_continuous": "InvertedPendulum-v5", "ppo_atari": "BreakoutNoFrameskip-v4"}
+
+
+def tiny(ppo, **kw):
+    """Two updates of 3 envs x 16 steps on a real env of the script's kind."""
+    base = dict(env_id=TINY_ENV[ppo.SCRIPT], num_envs=3, num_steps=16, total_timesteps=96, num_minibatches=2,
+                update_epochs=2, progress=False, run_name="tiny", cuda=False)
+    return ppo.Args(**{**base, **kw})
+
+
+def logged(run_dir: str, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(run_dir)
+    ea.Reload()
+    return [e.value for e in ea.Scalars(tag)]
+
+
+def test_envs_step_as_one_batch_and_each_update_learns_from_all_of_them(ppo, monkeypatch):
+    envs = ppo.make_envs(TINY_ENV[ppo.SCRIPT], 3)
+    obs, _ = envs.reset(seed=0)
+    envs.action_space.seed(0)
+    obs, reward, terminated, truncated, _ = envs.step(envs.action_space.sample())  # one call, 3 actions
+    assert len(obs) == len(reward) == len(terminated) == len(truncated) == 3
+    envs.close()
+
+    rollouts, original = [], ppo.compute_gae
+
+    def spy(rewards, *rest):
+        rollouts.append(tuple(rewards.shape))
+        return original(rewards, *rest)
+
+    monkeypatch.setattr(ppo, "compute_gae", spy)
+    result = ppo.train(tiny(ppo))
+    assert rollouts == [(16, 3)] * 2  # each update: T x N transitions
+    assert result["global_step"] == 3 * 16 * 2
+
+
+def test_adam_epsilon_is_1e_5(ppo):
+    ppo.train(tiny(ppo, total_timesteps=48, checkpoint_every=1))
+    ckpt = torch.load("runs/tiny/checkpoint.pt", weights_only=False)
+    groups = ckpt["optimizer"]["param_groups"]
+    assert groups and all(g["eps"] == 1e-5 for g in groups)  # not torch's default 1e-8
+
+
+def test_gradients_are_clipped_to_max_grad_norm_all_together(ppo):
+    # The norm of all gradients as the optimizer is about to apply them. The raw gradients of these
+    # losses are far larger than 1e-3, so every step must apply them scaled down to exactly that norm
+    # as a whole: without clipping the norms would be larger, and clipping each parameter's gradient on
+    # its own would leave a total norm above 1e-3.
+    norms = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    handle = register_optimizer_step_pre_hook(record)  # called before every optimizer.step()
+    try:
+        ppo.train(tiny(ppo, total_timesteps=48, max_grad_norm=1e-3))
+    finally:
+        handle.remove()
+    assert len(norms) == 2 * 2  # update_epochs x num_minibatches steps
+    assert norms == pytest.approx([1e-3] * len(norms), rel=1e-3)
+
+
+def test_target_kl_stops_the_update_epochs_early(ppo):
+    ppo.train(tiny(ppo, run_name="all", update_epochs=3, learning_rate=1e-2))
+    ppo.train(tiny(ppo, run_name="early", update_epochs=3, learning_rate=1e-2, target_kl=1e-8))
+    assert logged("runs/all", "losses/epochs") == [3, 3]
+    # After one epoch the policy has moved by more than 1e-8: the other epochs are skipped.
+    assert logged("runs/early", "losses/epochs") == [1, 1]
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_file_intact(ppo, monkeypatch):
+    ppo.save_atomic({"version": 1, "weights": torch.ones(100)}, "file.pt")
+    real_save = torch.save
+
+    def crash_midway(obj, path):
+        real_save(obj, path)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)  # half written, as when the disk fills or the power goes
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ppo.torch, "save", crash_midway)
+    with pytest.raises(OSError):
+        ppo.save_atomic({"version": 2, "weights": torch.zeros(100)}, "file.pt")
+    data = torch.load("file.pt", weights_only=True)
+    assert data["version"] == 1 and torch.equal(data["weights"], torch.ones(100))
