@@ -635,11 +635,13 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
     n_actions = int(envs.single_action_space.n)
 
     agent = Agent(obs_dim, n_actions).to(device)
+    # Listed once: walking the module tree costs about 0.1 ms, paid twice per minibatch otherwise.
+    params = list(agent.parameters())
     if world_size > 1:
-        for p in agent.parameters():
+        for p in params:
             dist.broadcast(p.data, src=0)  # every rank starts from rank 0's initialization
     # Adam eps 1e-5 (detail 3) instead of torch's 1e-8; the fused kernel does the whole step in one call.
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
 
     # Rollout storage. obs has T + 1 rows: the observation after the last step is needed for bootstrapping.
     T, N = args.num_steps, args.num_envs
@@ -782,8 +784,8 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                             f"is kept in {run_dir}")
                     optimizer.zero_grad()
                     loss.backward()
-                    average_gradients(list(agent.parameters()), world_size)
-                    grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                    average_gradients(params, world_size)
+                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                     optimizer.step()
                     logratios.append(stats.pop("logratio"))
                     mb_stats.append(torch.stack([*stats.values(), grad_norm]))
