@@ -742,11 +742,15 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         if mine["envs"] is not None:
             envs.close()
             envs = restore_env_state(mine["envs"])
-        next_obs = mine["next_obs"]
-        next_valid = mine["next_valid"]
+            next_obs, next_valid = mine["next_obs"], mine["next_valid"]
+        else:  # the envs could not be saved: new episodes, seeded apart from those of the first start
+            next_obs, _ = envs.reset(seed=args.seed + rank * N + ckpt["global_step"])
+            next_valid = np.ones(N, dtype=bool)
         torch.set_rng_state(mine["rng"]["torch"])
         np.random.set_state(mine["rng"]["numpy"])
         random.setstate(mine["rng"]["python"])
+        if device.type == "cuda" and mine["rng"]["cuda"] is not None:  # the sampling noise and shuffles on the GPU
+            torch.cuda.set_rng_state(mine["rng"]["cuda"], device)
         global_step, start_iteration = ckpt["global_step"], ckpt["iteration"] + 1
         episodes, elapsed_before = ckpt["episodes"], ckpt["elapsed"]
     else:
@@ -759,7 +763,8 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
     def checkpoint(iteration: int) -> Optional[str]:
         # Parameters and optimizer are the same on every rank; envs and random streams are each rank's own.
         mine = {"envs": env_state(envs), "next_obs": obs[T].cpu().numpy(), "next_valid": next_valid.copy(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
         ranks = [mine]
         if world_size > 1:
             ranks = [None] * world_size if main_rank else None
@@ -846,6 +851,10 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                 b_advantages = advantages.reshape(-1)
                 b_returns = b_advantages + b_values
             b_inds = torch.from_numpy(valid.reshape(-1)).to(device).nonzero().squeeze(1)
+            if len(b_inds) < 2 * args.num_minibatches:  # a minibatch of one has no advantage std to normalize by
+                raise UsageError(f"this rollout holds only {len(b_inds)} transitions to learn from (the other steps only reset "
+                                 f"an env after its episode ended), too few for --num-minibatches {args.num_minibatches}; "
+                                 f"use fewer minibatches or a larger --num-steps")
 
             # --- K epochs of minibatch Adam on the batch ---
             mb_stats = []
@@ -907,13 +916,13 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                 stop = all_sum(torch.tensor(float(stop), device=device), world_size).item() > 0
             if args.checkpoint_every and iteration % args.checkpoint_every == 0:
                 checkpoint(iteration)
-            if stop_at_step is not None and global_step >= stop_at_step:
-                break
             if stop:
                 path = checkpoint(iteration)
                 if main_rank:
                     progress.warn(f"stopped at step {global_step}; checkpoint written to {path}; continue with --resume {path}")
                 interrupted = True
+                break
+            if stop_at_step is not None and global_step >= stop_at_step:
                 break
     finally:
         if previous_handler is not None:
@@ -966,8 +975,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         # With --resume, the checkpoint's options are the defaults: only what is given again changes.
         default = None
+        resume = next((a.split("=", 1)[1] for a in argv if a.startswith("--resume=")), None)
         if "--resume" in argv and argv.index("--resume") + 1 < len(argv):
-            saved = load_file(argv[argv.index("--resume") + 1], "checkpoint")["args"]
+            resume = argv[argv.index("--resume") + 1]
+        if resume:
+            saved = load_file(resume, "checkpoint")["args"]
             default = Args(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__})
         args = tyro.cli(Args, args=argv, default=default, description=__doc__.split("\n")[0])
         if args.eval_checkpoint:

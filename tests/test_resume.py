@@ -1,0 +1,85 @@
+"""Checkpoint, resume and stop details that every script shares, run on each script."""
+
+import importlib
+import os
+import signal
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import register_test_envs
+
+register_test_envs()
+
+# A few seconds per script: the smallest run of each env family.
+TINY = {
+    "ppo_discrete": dict(env_id="CartPole-v1", total_timesteps=512, num_envs=2, num_steps=64, num_minibatches=2),
+    "ppo_continuous": dict(env_id="InvertedPendulum-v5", total_timesteps=512, num_envs=1, num_steps=128,
+                           num_minibatches=2),
+    "ppo_atari": dict(env_id="BreakoutNoFrameskip-v4", total_timesteps=128, num_envs=2, num_steps=32,
+                      num_minibatches=2, cuda=False),
+}
+
+
+@pytest.fixture(params=list(TINY))
+def ppo(request):
+    return importlib.import_module(request.param)
+
+
+def tiny(ppo, **kw):
+    return ppo.Args(**{**TINY[ppo.__name__], "update_epochs": 1, "progress": False, "run_name": "tiny", **kw})
+
+
+@pytest.mark.parametrize("form", ["--resume PATH", "--resume=PATH"])
+def test_resume_takes_the_checkpoints_options_in_either_form(ppo, form, in_tmp_dir, monkeypatch):
+    saved = asdict(tiny(ppo, learning_rate=1e-3, total_timesteps=4096))
+    torch.save({"script": ppo.SCRIPT, "model": {}, "args": saved}, "ckpt.pt")
+    seen = []
+    monkeypatch.setattr(ppo, "train", lambda args: seen.append(args) or {"interrupted": False})
+    argv = ["--resume", "ckpt.pt"] if form == "--resume PATH" else ["--resume=ckpt.pt"]
+    assert ppo.main(argv + ["--seed", "7"]) == 0
+    assert seen[0].learning_rate == 1e-3 and seen[0].total_timesteps == 4096  # the checkpoint's
+    assert seen[0].seed == 7  # what was given again
+
+
+def test_envs_that_cannot_be_saved_resume_with_new_episodes(ppo, in_tmp_dir, monkeypatch):
+    monkeypatch.setattr(ppo, "env_state", lambda envs: None)
+    first = ppo.train(tiny(ppo, checkpoint_every=1))
+    path = os.path.join(first["run_dir"], "checkpoint.pt")
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["ranks"][0]["envs"] is None
+    more = ppo.train(tiny(ppo, total_timesteps=2 * first["global_step"], resume=path))
+    assert more["global_step"] == 2 * first["global_step"]
+    if ppo.__name__ == "ppo_continuous":  # the normalization goes on from the saved statistics
+        saved = ckpt["ranks"][0]["obs_rms"]
+        assert more["obs_rms"]["count"] > saved["count"] > 1
+        returns = ppo.evaluate(path, episodes=1)  # evaluation reads them from the checkpoint too
+        assert len(returns) == 1
+
+
+def test_ctrl_c_in_the_last_update_still_writes_a_checkpoint(ppo, in_tmp_dir, monkeypatch):
+    gae = ppo.compute_gae
+
+    def gae_then_ctrl_c(*a, **kw):
+        signal.raise_signal(signal.SIGINT)  # arrives while the update runs: caught, the update finishes
+        return gae(*a, **kw)
+
+    monkeypatch.setattr(ppo, "compute_gae", gae_then_ctrl_c)
+    args = tiny(ppo)
+    result = ppo.train(args, stop_at_step=args.batch_size)  # stop_at_step ends the run at this same update
+    assert result["interrupted"]
+    assert os.path.isfile(os.path.join(result["run_dir"], "checkpoint.pt"))
+
+
+@pytest.mark.parametrize("name", ["ppo_discrete", "ppo_continuous"])
+def test_too_few_transitions_for_the_minibatches_is_a_clear_error(name, in_tmp_dir, capsys):
+    ppo = importlib.import_module(name)
+    # Episodes of one step: every other step only resets the env, so a rollout of 4 holds 2 transitions.
+    env = "TestTerminate-v0" if name == "ppo_discrete" else "TestContinuous-v0"
+    argv = ["--env-id", env, "--num-envs", "1", "--num-steps", "4", "--num-minibatches", "2",
+            "--total-timesteps", "64", "--no-progress"]
+    assert ppo.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "only 2 transitions" in err[0] and "--num-minibatches 2" in err[0]
