@@ -326,13 +326,19 @@ class Agent(nn.Module):
         # uint8 frames in, [0, 1] floats to the network (detail 9).
         return self.network(obs.contiguous(memory_format=torch.channels_last) / 255.0)
 
+    def heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy logits and value, always in fp32. Under --bf16 only the trunk runs in bfloat16: its 8-bit
+        mantissa would bias the sampling noise and round values more coarsely than the value clip range."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            hidden = hidden.float()
+            return self.actor(hidden), self.critic(hidden).squeeze(-1)
+
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.critic(self.hidden(obs)).squeeze(-1)
+        return self.heads(self.hidden(obs))[1]
 
     def act(self, obs: torch.Tensor, greedy: bool = False) -> torch.Tensor:
-        """Sample actions: the rollout's only forward pass. Log-probs and values of the rollout are
-        computed afterwards in one batched call (the parameters do not change during a rollout)."""
-        logits = self.actor(self.hidden(obs))
+        """Sample actions (evaluation's forward pass; the rollout uses act_with_value)."""
+        logits, _ = self.heads(self.hidden(obs))
         if greedy:
             return logits.argmax(-1)
         # Gumbel-max trick: argmax(logits + Gumbel noise) is an exact sample of softmax(logits), and
@@ -343,19 +349,18 @@ class Agent(nn.Module):
         """Sample actions with their log-probs and values. The trunk is shared, so the rollout gets
         these from its one forward pass for the price of two small heads (the MLP scripts, whose
         critic is a network of its own, compute them after the rollout in one batch instead)."""
-        hidden = self.hidden(obs)
-        logits = self.actor(hidden)
+        logits, value = self.heads(self.hidden(obs))
         action = (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
         logp = F.log_softmax(logits, -1).gather(-1, action.unsqueeze(-1)).squeeze(-1)
-        return action, logp, self.critic(hidden).squeeze(-1)
+        return action, logp, value
 
     def evaluate(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Log-probability of the taken actions, policy entropy and value under the current parameters."""
-        hidden = self.hidden(obs)
-        logp_all = F.log_softmax(self.actor(hidden), -1)
+        logits, value = self.heads(self.hidden(obs))
+        logp_all = F.log_softmax(logits, -1)
         logp = logp_all.gather(-1, action.unsqueeze(-1)).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return logp, entropy, self.critic(hidden).squeeze(-1)
+        return logp, entropy, value
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -142,6 +142,20 @@ def test_bfloat16_autocast_trains():
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in result["agent"].parameters())
 
 
+def test_bfloat16_runs_only_the_trunk_the_heads_and_sampling_stay_fp32():
+    torch.manual_seed(0)
+    agent = ppo.Agent(4)
+    obs = torch.randint(0, 256, (6, 4, 84, 84), dtype=torch.uint8)
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        assert agent.hidden(obs).dtype == torch.bfloat16
+        logits, value = agent.heads(agent.hidden(obs))
+        action, logp, value2 = agent.act_with_value(obs)
+        newlogp, entropy, value3 = agent.evaluate(obs, action)
+    assert logits.dtype == value.dtype == logp.dtype == value2.dtype == newlogp.dtype == entropy.dtype == torch.float32
+    torch.testing.assert_close(logp, newlogp)
+    torch.testing.assert_close(value2, value3)
+
+
 def find_wrapper(env, kind):
     return next(w for w in iter_wrappers(env) if isinstance(w, kind))
 
