@@ -5,14 +5,19 @@
     python ppo_discrete.py --eval-checkpoint runs/<run>/agent.pt --eval-episodes 10
     python ppo_discrete.py --help                   # every option
 
-Read top to bottom: options, environments, network, GAE, loss, training loop.
+Part A, from the top, is PPO: the options (Args), the environments, the network (Agent), GAE
+(compute_gae), the loss (ppo_loss) and the training loop (train). Part B, below the banner, runs the
+experiment: option checks, torchrun, resume, logs, progress, checkpoints, signals, evaluation, main().
 Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (arXiv:1707.06347); the implementation
 details follow Huang et al. 2022, "The 37 Implementation Details of PPO" (ICLR blog track).
 """
 
 import csv
+import dataclasses
 import difflib
+import importlib
 import json
+import math
 import os
 import pickle
 import random
@@ -21,7 +26,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import cloudpickle  # comes with gymnasium; pickles the vector env (with its env factories) for exact resume
 import gymnasium as gym
@@ -42,7 +47,7 @@ class Args:
     exp_name: str = SCRIPT
     """name of the experiment, part of the run name"""
     seed: int = 1
-    """random seed; env i is seeded with seed + i (under torchrun, rank r uses seed + r, its envs seed + r * num_envs + i)"""
+    """random seed; env i is seeded with seed + i (under torchrun rank r: seed + r, its envs seed + r * num_envs + i)"""
     run_name: Optional[str] = None
     """folder name under runs/ and videos/ (default: <env_id>__<exp_name>__<seed>__<unix time>)"""
     torch_deterministic: bool = True
@@ -50,7 +55,7 @@ class Args:
     cuda: bool = False
     """run the network on a CUDA GPU if there is one (small MLPs are usually faster on the CPU)"""
     torch_threads: int = 1
-    """CPU threads for torch; one is fastest for small networks and leaves a core for the envs"""
+    """CPU threads for torch (0: all cores); one is fastest for small networks and leaves a core to the envs"""
     track: bool = False
     """also log to Weights & Biases (set WANDB_MODE=offline to log without network)"""
     wandb_project_name: str = "ppo"
@@ -64,17 +69,23 @@ class Args:
     save_model: bool = False
     """save the trained agent and its options to runs/<run_name>/agent.pt"""
     checkpoint_every: int = 0
-    """write runs/<run_name>/checkpoint.pt every this many updates (0: only on Ctrl-C)"""
+    """write runs/<run_name>/checkpoint.pt every this many updates (0: off; Ctrl-C and SIGTERM always write one)"""
+    checkpoint_minutes: float = 10.0
+    """also write it when this many minutes passed since the last one (0: off): a killed run loses at most that"""
     resume: Optional[str] = None
     """continue training from this checkpoint file; its options are the defaults"""
     eval_checkpoint: Optional[str] = None
     """evaluate this saved agent or checkpoint instead of training, then exit"""
     eval_episodes: int = 10
     """episodes to play with --eval-checkpoint"""
+    eval_seed: Optional[int] = None
+    """env seed of the evaluation (default: 1,000,000,000 + the training seed, apart from every training env's)"""
+    eval_deterministic: bool = False
+    """evaluate with the most likely action (argmax) instead of actions sampled from the policy"""
 
     # --- algorithm ---
     env_id: str = "CartPole-v1"
-    """gymnasium id of an env with a Discrete action space and a vector (Box) observation"""
+    """gymnasium id of an env with Discrete actions and vector observations (module:Env-v0 imports module first)"""
     total_timesteps: int = 500_000
     """environment steps to train for, summed over all envs (and all ranks under torchrun)"""
     learning_rate: float = 2.5e-4
@@ -128,63 +139,15 @@ class Args:
         return self.total_timesteps // (self.batch_size * self.world_size)
 
 
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, never as a traceback."""
-
-
-class TrainingDiverged(Exception):
-    """The loss became NaN or infinite: training stops instead of learning from garbage."""
-
-
-def check_args(args: Args) -> None:
-    """Reject bad options before anything is built, naming the value and what would work."""
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
-                 "eval_episodes", "torch_threads"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} is {getattr(args, name)}; it must be a positive integer")
-    for name in ("learning_rate", "clip_coef", "max_grad_norm"):
-        if not getattr(args, name) > 0:
-            raise UsageError(f"--{name.replace('_', '-')} is {getattr(args, name)}; it must be positive")
-    for name in ("gamma", "gae_lambda"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise UsageError(f"--{name.replace('_', '-')} is {getattr(args, name)}; it must lie in [0, 1] (typical: 0.99, 0.95)")
-    for name in ("ent_coef", "vf_coef", "checkpoint_every"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} is {getattr(args, name)}; it must be 0 or more")
-    if args.target_kl is not None and not args.target_kl > 0:
-        raise UsageError(f"--target-kl is {args.target_kl}; it must be positive (typical: 0.01 to 0.05), or left out")
-    if args.batch_size % args.num_minibatches:
-        raise UsageError(
-            f"the batch (num_envs * num_steps = {args.num_envs} * {args.num_steps} = {args.batch_size}) does not split into "
-            f"--num-minibatches {args.num_minibatches}; choose a divisor of {args.batch_size}, e.g. {best_divisor(args.batch_size, args.num_minibatches)}"
-        )
-    if args.minibatch_size < 2:
-        raise UsageError(f"minibatches of {args.minibatch_size} transition(s) are too small to normalize advantages; use fewer --num-minibatches")
-    if args.num_iterations == 0:
-        raise UsageError(f"--total-timesteps {args.total_timesteps} is less than one batch ({args.batch_size * args.world_size} = "
-                         f"num_envs * num_steps{' * ranks' if args.world_size > 1 else ''}); raise it or shrink the batch")
-    check_env_id(args.env_id)
-
-
-def best_divisor(n: int, near: int) -> int:
-    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - near))
-
-
-def check_env_id(env_id: str) -> None:
-    atari = env_id.startswith("ALE/") or "NoFrameskip" in env_id
-    if env_id in gym.registry and not atari and "ale_py" not in str(gym.registry[env_id].entry_point):
-        return
-    if atari or env_id in gym.registry:
-        raise UsageError(f"--env-id {env_id} is an Atari game; train it with ppo_atari.py")
-    close = difflib.get_close_matches(env_id, list(gym.registry), n=3)
-    hint = f"did you mean {' or '.join(close)}?" if close else "see gymnasium.registry for the known ids"
-    raise UsageError(f"--env-id {env_id} is not a registered gymnasium environment; {hint}")
-
-
 # ----------------------------------------------------------------------------------------------------
 # Environments
 # ----------------------------------------------------------------------------------------------------
-def make_env(env_id: str, idx: int, video_dir: Optional[str]):
+def make_env(env_id: str, idx: int, video_dir: Optional[str] = None) -> Callable[[], gym.Env]:
+    """The recipe for env number idx of a vector env.
+
+    The one place for a wrapper of your own: every env of every run (training, video, evaluation) is made here.
+    """
+
     def thunk():
         if video_dir is not None and idx == 0:
             env = gym.make(env_id, render_mode="rgb_array")
@@ -196,45 +159,33 @@ def make_env(env_id: str, idx: int, video_dir: Optional[str]):
     return thunk
 
 
-def make_envs(env_id: str, num_envs: int, video_dir: Optional[str] = None) -> gym.vector.VectorEnv:
-    """Vector env with episode statistics.
+def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym.vector.VectorEnv:
+    """num_envs envs stepped as one batch (detail 1), with episode statistics.
 
     Every gymnasium 1.x vector env autoresets on the NEXT step: the step after an episode ends returns
     the first observation of the next episode with reward 0 and ignores the action. The training loop
     marks those steps as not-a-transition (`valid`) and never trains on them; the observation returned
     when an episode ends is then the true final observation, which is what truncation needs.
     """
-    if video_dir is None:
-        # make_vec picks an env's own vectorized version where there is one (CartPole: numpy-native, fast).
-        envs = gym.make_vec(env_id, num_envs=num_envs)
+    recipes = [make_env(args.env_id, i, video_dir) for i in range(num_envs)]
+    # CartPole also comes as a numpy-native vector env that steps all copies at once, several times faster
+    # than N envs one by one. It bypasses make_env, so it is used only while make_env adds nothing to gym.make.
+    if video_dir is None and gym.spec(args.env_id.split(":")[-1]).vector_entry_point is not None \
+            and same_wrappers(recipes[0](), gym.make(args.env_id)):
+        envs = gym.make_vec(args.env_id, num_envs=num_envs, vectorization_mode="vector_entry_point")
     else:
-        envs = gym.vector.SyncVectorEnv([make_env(env_id, i, video_dir) for i in range(num_envs)])
+        envs = gym.vector.SyncVectorEnv(recipes)
     return gym.wrappers.vector.RecordEpisodeStatistics(envs)
 
 
-def check_spaces(env_id: str, envs: gym.vector.VectorEnv) -> None:
-    act, obs = envs.single_action_space, envs.single_observation_space
-    if isinstance(act, gym.spaces.Box):
-        raise UsageError(f"--env-id {env_id} has continuous actions ({act}); train it with ppo_continuous.py")
-    if not isinstance(act, gym.spaces.Discrete):
-        raise UsageError(f"--env-id {env_id} has a {type(act).__name__} action space; this script needs Discrete actions")
-    if not isinstance(obs, gym.spaces.Box):
-        raise UsageError(f"--env-id {env_id} has a {type(obs).__name__} observation space; this script needs a vector (Box) "
-                         "observation (wrap the env with gymnasium.wrappers.FlattenObservation)")
-    if len(obs.shape) != 1:
-        raise UsageError(f"--env-id {env_id} has image-like observations of shape {obs.shape}; train it with ppo_atari.py")
-
-
-def env_state(envs: gym.vector.VectorEnv) -> Optional[bytes]:
-    """Everything needed to continue the envs exactly (the vector env pickles with its wrappers), or None."""
-    try:
-        return cloudpickle.dumps(envs)
-    except Exception:  # envs that hold unpicklable handles resume with fresh episodes instead
-        return None
-
-
-def restore_env_state(blob: bytes) -> gym.vector.VectorEnv:
-    return pickle.loads(blob)
+def same_wrappers(env: gym.Env, other: gym.Env) -> bool:
+    kinds = [[], []]
+    for kind, e in zip(kinds, (env, other)):
+        e.close()
+        while isinstance(e, gym.Wrapper):
+            kind.append(type(e))
+            e = e.env
+    return kinds[0] == kinds[1]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,10 +199,19 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
 
 
 class Agent(nn.Module):
-    """Separate actor and critic MLPs (64-64 tanh): the policy loss cannot disturb the critic."""
+    """Separate actor and critic MLPs (64-64 tanh): the policy loss cannot disturb the critic.
 
-    def __init__(self, obs_dim: int, n_actions: int):
+    What train() and evaluate() call, the same in all three scripts (keep it when you swap the network):
+        act(obs, deterministic=False) -> action     a sample of the policy, or its most likely action
+        get_value(obs) -> value                     the critic's V(obs)
+        get_action_and_value(obs, action=None) -> (action, log-prob, entropy, value)
+            under the current parameters, for the given actions (or for sampled ones when action is None)
+    obs is a batch (B, *observation shape); the action, log-prob, entropy and value of each are (B,).
+    """
+
+    def __init__(self, envs: gym.vector.VectorEnv):
         super().__init__()
+        obs_dim, n_actions = envs.single_observation_space.shape[0], int(envs.single_action_space.n)
         self.critic = nn.Sequential(
             layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
             layer_init(nn.Linear(64, 64)), nn.Tanh(),
@@ -267,22 +227,26 @@ class Agent(nn.Module):
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(obs).squeeze(-1)
 
-    def act(self, obs: torch.Tensor, greedy: bool = False) -> torch.Tensor:
-        """Sample actions: the rollout's only forward pass. Log-probs and values of the rollout are
-        computed afterwards in one batched call (the parameters do not change during a rollout)."""
+    def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        """The rollout's only forward pass. Its log-probs and values are computed afterwards in one batched
+        call (the parameters do not change during a rollout)."""
         logits = self.actor(obs)
-        if greedy:
-            return logits.argmax(-1)
-        # Gumbel-max trick: argmax(logits + Gumbel noise) is an exact sample of softmax(logits), and
-        # -log(Exp(1)) is Gumbel noise. Much cheaper than building a Categorical every step.
-        return (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
+        return logits.argmax(-1) if deterministic else sample(logits)
 
-    def evaluate(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Log-probability of the taken actions, policy entropy and value under the current parameters."""
-        logp_all = F.log_softmax(self.actor(obs), -1)
+    def get_action_and_value(self, obs: torch.Tensor, action: Optional[torch.Tensor] = None):
+        logits = self.actor(obs)
+        if action is None:
+            action = sample(logits)
+        logp_all = F.log_softmax(logits, -1)
         logp = logp_all.gather(-1, action.unsqueeze(-1)).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return logp, entropy, self.get_value(obs)
+        return action, logp, entropy, self.get_value(obs)
+
+
+def sample(logits: torch.Tensor) -> torch.Tensor:
+    # Gumbel-max trick: argmax(logits + Gumbel noise) is an exact sample of softmax(logits), and
+    # -log(Exp(1)) is Gumbel noise. Much cheaper than building a Categorical every step.
+    return (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -312,7 +276,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, terminations: torch
 
 
 # ----------------------------------------------------------------------------------------------------
-# PPO loss
+# PPO loss, and what to watch while training
 # ----------------------------------------------------------------------------------------------------
 def ppo_loss(newlogp: torch.Tensor, oldlogp: torch.Tensor, advantages: torch.Tensor,
              newvalue: torch.Tensor, oldvalue: torch.Tensor, returns: torch.Tensor, entropy: torch.Tensor,
@@ -322,7 +286,7 @@ def ppo_loss(newlogp: torch.Tensor, oldlogp: torch.Tensor, advantages: torch.Ten
     advantages = advantages.detach()  # a target: no gradient may flow into whatever produced it
     if norm_adv:
         # Per-minibatch normalization keeps the advantage scale fixed, so one clip_coef fits every task.
-        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        advantages = normalize(advantages)
 
     # Importance sampling: the batch was drawn from the old policy, ratio = pi_new / pi_old.
     logratio = newlogp - oldlogp
@@ -346,20 +310,315 @@ def ppo_loss(newlogp: torch.Tensor, oldlogp: torch.Tensor, advantages: torch.Ten
     return loss, stats
 
 
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """Zero mean and unit std over the whole minibatch: in a plain run this process's, under torchrun the
+    union of every rank's part of it, whose mean and std come from sums over the ranks (all_sum)."""
+    if not distributed():
+        return (x - x.mean()) / (x.std() + 1e-8)
+    sums = all_sum(torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double())
+    n, mean = sums[0], sums[1] / sums[0]
+    std = ((sums[2] - n * mean**2) / (n - 1)).clamp_min(0).sqrt()  # unbiased, as torch.std
+    return ((x - mean) / (std + 1e-8)).to(x.dtype)
+
+
 def policy_shift(logratio: torch.Tensor, clip_coef: float) -> dict[str, torch.Tensor]:
-    """How far the new policy moved from the one that collected the batch, from log(pi_new / pi_old)."""
+    """How far the new policy moved from the one that collected the batch, from log(pi_new / pi_old).
+
+    Means over every rank's samples under torchrun, so that all ranks take the same target-KL decision.
+    """
     with torch.no_grad():
         w = logratio.exp()
-        return {
+        sums = all_sum(torch.stack([
+            logratio.new_tensor(logratio.numel()),
             # KL(old || new) estimators, http://joschu.net/blog/kl-approx.html: the naive -log r and the
             # unbiased, always non-negative (r - 1) - log r.
-            "old_approx_kl": (-logratio).mean(),
-            "approx_kl": ((w - 1) - logratio).mean(),
-            "clipfrac": ((w - 1.0).abs() > clip_coef).float().mean(),
-            # Effective sample size of the importance weights as a fraction of the batch: 1 while
-            # new == old, falling toward 0 as a few samples dominate the gradient estimate.
-            "ess": w.sum() ** 2 / (w.numel() * (w**2).sum()),
-        }
+            -logratio.sum(), ((w - 1) - logratio).sum(),
+            ((w - 1.0).abs() > clip_coef).float().sum(),
+            w.sum(), (w**2).sum(),
+        ]))
+        n = sums[0]
+        return {"old_approx_kl": sums[1] / n, "approx_kl": sums[2] / n, "clipfrac": sums[3] / n,
+                # Effective sample size of the importance weights as a fraction of the batch: 1 while
+                # new == old, falling toward 0 as a few samples dominate the gradient estimate.
+                "ess": sums[4] ** 2 / (n * sums[5])}
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
+    """Train PPO; returns the agent, its run folder and the episodes seen ({"returns", "lengths", "steps", "times"}).
+
+    stop_at_step ends training early at that global step while the learning-rate schedule still runs
+    over args.total_timesteps (to look at the first part of a full-length run).
+    """
+    with Run(args, stop_at_step) as run:  # checks the options, joins torchrun, seeds the random streams
+        device = run.device
+        envs = make_envs(args, args.num_envs, run.video_dir)
+        check_spaces(args.env_id, envs)
+        agent = Agent(envs).to(device)
+        # Listed once: walking the module tree costs about 0.1 ms, paid twice per minibatch otherwise.
+        params = list(agent.parameters())
+        # Adam eps 1e-5 (detail 3) instead of torch's 1e-8; the fused kernel does the whole step in one call.
+        optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
+
+        # Rollout storage. obs and valid have T + 1 rows: the last is where the next rollout starts, and the
+        # observation after the last step is also what the rollout's last value bootstraps from.
+        T, N = args.num_steps, args.num_envs
+        obs = torch.zeros((T + 1, N, *envs.single_observation_space.shape), device=device)
+        actions = torch.zeros((T, N), dtype=torch.long, device=device)
+        # Env outputs stay in numpy during the rollout; they become tensors once per rollout, not once per step.
+        rewards = np.zeros((T, N), dtype=np.float32)
+        terminations = np.zeros((T, N), dtype=np.float32)
+        dones = np.zeros((T, N), dtype=np.float32)
+        valid = np.zeros((T + 1, N), dtype=bool)  # False where a step only reset an env whose episode had ended
+        envs = run.start(agent, optimizer, envs, obs, valid)  # resumes from the checkpoint, or resets the envs
+
+        for iteration in run.iterations():  # between updates: checkpoints, and the stop on Ctrl-C or SIGTERM
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations)
+
+            # --- rollout: the actor alone, no autograd bookkeeping ---
+            obs[0], valid[0] = obs[T], valid[T]
+            with torch.inference_mode():
+                for step in range(T):
+                    action = agent.act(obs[step])
+                    actions[step] = action
+                    # On the CPU .cpu() is free; with a GPU this is the one unavoidable copy per step.
+                    next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+                    rewards[step], terminations[step] = reward, terminated
+                    dones[step] = done = np.logical_or(terminated, truncated)
+                    # The step after an episode ends only resets that env: not a transition to learn from.
+                    valid[step + 1] = ~done
+                    obs[step + 1] = torch.as_tensor(next_obs, device=device)
+                    run.record(info)  # counts the steps; keeps the returns of the episodes that ended
+
+            # --- the old policy's log-probs and values, and advantages, in one batched pass ---
+            b_obs, b_actions = obs[:-1].flatten(0, 1), actions.flatten(0, 1)
+            with torch.no_grad():
+                _, b_logprobs, _, b_values = agent.get_action_and_value(b_obs, b_actions)
+                values = torch.cat([b_values, agent.get_value(obs[T])]).view(T + 1, N)
+                advantages = compute_gae(torch.from_numpy(rewards).to(device), values,
+                                         torch.from_numpy(terminations).to(device), torch.from_numpy(dones).to(device),
+                                         args.gamma, args.gae_lambda)
+                b_advantages = advantages.reshape(-1)
+                b_returns = b_advantages + b_values
+            b_inds = torch.from_numpy(valid[:T].reshape(-1)).to(device).nonzero().squeeze(1)  # the transitions
+            run.check_batch(len(b_inds))
+
+            # --- K epochs of minibatch Adam on the batch ---
+            mb_stats = []
+            for epoch in range(args.update_epochs):
+                perm = b_inds[torch.randperm(len(b_inds), device=device)]
+                logratios = []
+                for mb in torch.tensor_split(perm, args.num_minibatches):
+                    _, newlogp, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])
+                    loss, stats = ppo_loss(newlogp, b_logprobs[mb], b_advantages[mb], newvalue, b_values[mb],
+                                           b_returns[mb], entropy, clip_coef=args.clip_coef, vf_coef=args.vf_coef,
+                                           ent_coef=args.ent_coef, norm_adv=args.norm_adv, clip_vloss=args.clip_vloss)
+                    run.check_finite(loss)  # a NaN or infinite loss stops the run before it is applied
+                    optimizer.zero_grad()
+                    loss.backward()
+                    average_gradients(params)  # under torchrun: the mean over the ranks, before clipping
+                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    logratios.append(stats.pop("logratio"))
+                    mb_stats.append(torch.stack([*stats.values(), grad_norm]))
+                shift = policy_shift(torch.cat(logratios), args.clip_coef)
+                if args.target_kl is not None and shift["approx_kl"] > args.target_kl:
+                    break  # early stop (detail 12): the policy already moved as far as we allow
+
+            # --- diagnostics: losses averaged over the minibatches, the policy's shift over the last epoch ---
+            diagnostics = {**dict(zip([*stats, "grad_norm"], torch.stack(mb_stats).mean(0))), **shift}
+            run.log_update(diagnostics, explained_variance(b_values[b_inds], b_returns[b_inds]), epochs=epoch + 1)
+        return run.result(agent)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What Part B needs of this script's envs: checks, checkpoints, the statistics saved with the agent
+# ----------------------------------------------------------------------------------------------------
+def check_spaces(env_id: str, envs: gym.vector.VectorEnv) -> None:
+    """Refuse, in one line, an env whose spaces this script cannot learn."""
+    act, obs = envs.single_action_space, envs.single_observation_space
+    if isinstance(act, gym.spaces.Box):
+        raise UsageError(f"--env-id {env_id} has continuous actions ({act}); train it with ppo_continuous.py")
+    if not isinstance(act, gym.spaces.Discrete):
+        raise UsageError(f"--env-id {env_id} has a {type(act).__name__} action space; this script needs Discrete "
+                         "actions")
+    if not isinstance(obs, gym.spaces.Box):
+        raise UsageError(f"--env-id {env_id} has a {type(obs).__name__} observation space; this script needs a vector "
+                         "(Box) observation (wrap the env with gymnasium.wrappers.FlattenObservation in make_env)")
+    if len(obs.shape) != 1:
+        raise UsageError(f"--env-id {env_id} has image-like observations of shape {obs.shape}; "
+                         "train it with ppo_atari.py")
+
+
+def env_state(envs: gym.vector.VectorEnv) -> dict:
+    """Everything a checkpoint needs to continue the envs exactly: the vector env pickles with its wrappers.
+    "vector_env" is None for envs that hold unpicklable handles: a resumed run then starts new episodes."""
+    try:
+        return {"vector_env": cloudpickle.dumps(envs)}
+    except Exception:
+        return {"vector_env": None}
+
+
+def restore_env_state(envs: gym.vector.VectorEnv, state: dict) -> gym.vector.VectorEnv:
+    """The envs to continue with: the saved ones where there are any (the new ones are then closed)."""
+    if state["vector_env"] is None:
+        return envs
+    envs.close()
+    return pickle.loads(state["vector_env"])
+
+
+def env_stats(envs: gym.vector.VectorEnv) -> dict:
+    """What the envs learned that belongs to the trained model and is saved with it (nothing here; in
+    ppo_continuous.py, the observation normalization)."""
+    return {}
+
+
+def load_env_stats(envs: gym.vector.VectorEnv, stats: dict) -> None:
+    """Use a saved agent's env statistics, frozen, in new envs (nothing to do here)."""
+
+
+# ====================================================================================================
+# Part B: running the experiment
+#
+# Everything below runs the experiment around train(): option checks, torchrun, seeding, resume, the
+# run folder, logs, progress, health warnings, checkpoints, signals, result files, evaluation of a
+# saved agent and main(). None of it changes a number that PPO computes (under torchrun, all_sum and
+# average_gradients make the ranks one agent). It is the same text in all three scripts, and a test
+# keeps it so: what differs by environment family comes in through the hooks of Part A (make_envs,
+# check_spaces, env_state, restore_env_state, env_stats, load_env_stats) and the Agent's methods.
+# ====================================================================================================
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, never as a traceback."""
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite: training stops instead of learning from garbage."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks of the options, before anything is built
+# ----------------------------------------------------------------------------------------------------
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_args(args: Args) -> None:
+    """Refuse bad options before anything is built, in one line naming the value and what would work."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{flag(field.name)} is {value}; it must be a finite number")
+    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"{flag(name)} is {getattr(args, name)}; it must be a positive integer")
+    for name in ("learning_rate", "clip_coef", "max_grad_norm", "clip_obs", "clip_reward"):
+        if hasattr(args, name) and not getattr(args, name) > 0:
+            raise UsageError(f"{flag(name)} is {getattr(args, name)}; it must be positive")
+    for name in ("gamma", "gae_lambda"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise UsageError(f"{flag(name)} is {getattr(args, name)}; it must lie in [0, 1] (typical: 0.99, 0.95)")
+    for name in ("ent_coef", "vf_coef", "checkpoint_every", "checkpoint_minutes", "torch_threads"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"{flag(name)} is {getattr(args, name)}; it must be 0 or more")
+    if getattr(args, "sticky_actions", None) is not None and not 0.0 <= args.sticky_actions < 1.0:
+        raise UsageError(f"--sticky-actions is {args.sticky_actions}; it must lie in [0, 1) (0.25 is ALE v5's default)")
+    if args.target_kl is not None and not args.target_kl > 0:
+        raise UsageError(f"--target-kl is {args.target_kl}; it must be positive (typical: 0.01 to 0.05), or left out")
+    if args.batch_size % args.num_minibatches:
+        raise UsageError(
+            f"the batch (num_envs * num_steps = {args.num_envs} * {args.num_steps} = {args.batch_size}) does not split "
+            f"into --num-minibatches {args.num_minibatches}; choose a divisor of {args.batch_size}, e.g. "
+            f"{best_divisor(args.batch_size, args.num_minibatches)}")
+    if args.minibatch_size < 2:
+        raise UsageError(f"minibatches of {args.minibatch_size} transition(s) are too small to normalize advantages; "
+                         "use fewer --num-minibatches")
+    if args.num_iterations == 0:
+        ranks = " * ranks" if args.world_size > 1 else ""
+        raise UsageError(f"--total-timesteps {args.total_timesteps} is less than one batch "
+                         f"({args.batch_size * args.world_size} = num_envs * num_steps{ranks}); raise it or shrink the "
+                         "batch")
+    check_env_id(args.env_id)
+
+
+def best_divisor(n: int, near: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - near))
+
+
+def check_env_id(env_id: str) -> None:
+    """Refuse an env id this script cannot train, before any env is built.
+
+    module:Env-v0 (gymnasium's own form) first imports the module, which registers the env: your own env
+    trains from the command line. The module is looked for where Python looks, and in the current folder.
+    """
+    module, _, name = env_id.rpartition(":")
+    if module:
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())
+        try:
+            importlib.import_module(module)
+        except Exception as e:
+            raise UsageError(f"--env-id {env_id}: the module {module} does not import ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); put {module}.py in the current folder "
+                             "or install it") from None
+        if name not in gym.registry:
+            theirs = [k for k, s in gym.registry.items()
+                      if getattr(s.entry_point, "__module__", str(s.entry_point)).split(":")[0] == module]
+            known = f"it registers {', '.join(theirs)}" if theirs else "it registers no env (call gymnasium.register)"
+            raise UsageError(f"--env-id {env_id}: importing {module} did not register {name}; {known}")
+    in_registry = name in gym.registry
+    atari = (in_registry and "ale_py" in str(gym.registry[name].entry_point)) or (
+        not in_registry and (name.startswith("ALE/") or "NoFrameskip" in name))
+    if atari and SCRIPT != "ppo_atari":
+        raise UsageError(f"--env-id {env_id} is an Atari game; train it with ppo_atari.py")
+    if not in_registry:
+        ids = [k for k in gym.registry if ("ale_py" in str(gym.registry[k].entry_point)) == (SCRIPT == "ppo_atari")]
+        close = difflib.get_close_matches(name, ids, n=3)
+        hint = f"did you mean {' or '.join(close)}?" if close else "see gymnasium.registry for the known ids"
+        raise UsageError(f"--env-id {env_id} is not a registered gymnasium environment; {hint}")
+    if not atari and SCRIPT == "ppo_atari":
+        raise UsageError(f"--env-id {env_id} is not an Atari game; train it with ppo_discrete.py (discrete actions) "
+                         "or ppo_continuous.py (continuous actions)")
+
+
+def check_autoreset(envs: gym.vector.VectorEnv) -> None:
+    """The loop handles gymnasium's default autoreset (NEXT_STEP) only: a vector env that resets within the
+    step that ends an episode returns the next episode's first observation, and the final one would be lost."""
+    mode = envs.metadata.get("autoreset_mode")
+    if mode != gym.vector.AutoresetMode.NEXT_STEP:
+        raise UsageError(f"the vector env resets its envs in mode {getattr(mode, 'name', mode)}; the training loop "
+                         "handles only gymnasium's default, AutoresetMode.NEXT_STEP (build it without autoreset_mode)")
+
+
+# Options that only change how a run is watched may differ on resume; every other change is refused.
+WATCHING = ("progress", "track", "wandb_project_name", "wandb_entity", "checkpoint_every", "checkpoint_minutes",
+            "resume", "eval_checkpoint", "eval_episodes", "eval_seed", "eval_deterministic", "exp_name", "run_name")
+
+
+def load_checkpoint(args: Args) -> dict:
+    """The checkpoint to resume from, once it is known to continue this run as an uninterrupted one would."""
+    ckpt = load_file(args.resume, "checkpoint")
+    if "optimizer" not in ckpt:
+        raise UsageError(f"--resume {args.resume} is a saved agent, not a checkpoint; resume from "
+                         "runs/<run_name>/checkpoint.pt")
+    saved, now = ckpt["args"], asdict(args)
+    for name in now:
+        if name not in WATCHING and name != "total_timesteps" and saved.get(name) != now[name]:
+            raise UsageError(f"--resume {args.resume} was trained with {flag(name)} {saved.get(name)}, not "
+                             f"{now[name]}; "
+                             f"a resumed run continues as it started (only {flag('total_timesteps')} and options that "
+                             "watch the run may change): drop the option")
+    if len(ckpt["ranks"]) != args.world_size:
+        raise UsageError(f"--resume {args.resume} was written by a run of {len(ckpt['ranks'])} process(es), not "
+                         f"{args.world_size}; resume it with as many (torchrun --nproc-per-node, or python for 1)")
+    if args.total_timesteps < ckpt["global_step"]:
+        raise UsageError(f"--total-timesteps {args.total_timesteps} is less than the {ckpt['global_step']} steps the "
+                         f"checkpoint {args.resume} has already trained")
+    args.run_name = saved["run_name"]  # a resumed run goes on in its own folder
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -387,57 +646,35 @@ def init_distributed(use_cuda: bool) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world_size, device
 
 
-def all_sum(x: torch.Tensor, world_size: int) -> torch.Tensor:
+def distributed() -> bool:
+    """Whether this process is one of several ranks (torchrun)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
     """x summed over all ranks (x itself in a single-process run)."""
-    if world_size > 1:
+    if distributed():
         x = x.clone()
         dist.all_reduce(x)
     return x
 
 
-def average_gradients(params: list[torch.Tensor], world_size: int) -> None:
+def average_gradients(params: list[torch.Tensor]) -> None:
     """Replace every rank's gradients by their mean over the ranks, in one flat all-reduce.
 
     DistributedDataParallel does the same from hooks inside backward(); written out, the update stays
-    readable and works with agent.evaluate, which is not the module's forward().
+    readable and works with any method of the agent, not only its forward().
     """
-    if world_size == 1:
+    if not distributed():
         return
     grads = [p.grad for p in params]
-    mean = all_sum(torch.cat([g.flatten() for g in grads]), world_size) / world_size
+    mean = all_sum(torch.cat([g.flatten() for g in grads])) / dist.get_world_size()
     for g, m in zip(grads, mean.split([g.numel() for g in grads])):
         g.copy_(m.view_as(g))
 
 
-def normalize_across_ranks(x: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Zero mean and unit std over the union of all ranks' minibatches.
-
-    Per-minibatch advantage normalization of a data-parallel run: the global minibatch is the union of
-    the ranks' minibatches, so its mean and std come from sums over all ranks.
-    """
-    s = all_sum(torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double(), world_size)
-    n, mean = s[0], s[1] / s[0]
-    std = ((s[2] - n * mean**2) / (n - 1)).clamp_min(0).sqrt()  # unbiased, as torch.std
-    return ((x - mean) / (std + 1e-8)).to(x.dtype)
-
-
-def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor, world_size: int) -> tuple[float, bool]:
-    """1 - Var(returns - values) / Var(returns) over all ranks' batches, and whether the returns vary.
-
-    Explained variance says little when returns barely vary (e.g. every episode hits the time limit):
-    the second value is False then.
-    """
-    y, e = y_true.double(), (y_true - y_pred).double()
-    s = all_sum(torch.stack([y.new_tensor(y.numel()), y.sum(), (y**2).sum(), e.sum(), (e**2).sum(), y.abs().sum()]),
-                world_size).tolist()
-    n = s[0]
-    var_y, var_e = (s[2] - s[1] ** 2 / n) / max(n - 1, 1), (s[4] - s[3] ** 2 / n) / max(n - 1, 1)
-    ev = 1 - var_e / var_y if var_y > 0 else float("nan")
-    return ev, var_y > 0 and var_y**0.5 > 0.05 * s[5] / n
-
-
 # ----------------------------------------------------------------------------------------------------
-# Saving, loading, logging
+# Files: saving, loading, results
 # ----------------------------------------------------------------------------------------------------
 def save_atomic(obj: dict, path: str) -> None:
     """Write then rename: a crash mid-write never leaves a half-written file in place of the last good one."""
@@ -453,7 +690,8 @@ def load_file(path: str, what: str) -> dict:
         # weights_only=False: a checkpoint holds pickled env and RNG state. Load only files you trust.
         data = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise UsageError(f"{what} {path} cannot be read ({type(e).__name__}); it is corrupt or not a file written by this script") from None
+        raise UsageError(f"{what} {path} cannot be read ({type(e).__name__}); it is corrupt or not a file written by "
+                         "this script") from None
     if not isinstance(data, dict) or "script" not in data or "model" not in data:
         raise UsageError(f"{what} {path} is not a file written by {SCRIPT}.py")
     if data["script"] != SCRIPT:
@@ -461,7 +699,12 @@ def load_file(path: str, what: str) -> dict:
     return data
 
 
-def write_results(run_dir: str, args: Args, episodes: dict, global_step: int, elapsed: float) -> None:
+def saved_args(data: dict) -> Args:
+    """The options a saved agent or checkpoint was trained with (options it does not know keep their defaults)."""
+    return Args(**{k: v for k, v in data["args"].items() if k in Args.__dataclass_fields__})
+
+
+def write_results(run_dir: str, args: Args, episodes: dict, global_step: int, elapsed: float) -> dict:
     """Every finished episode to episodes.csv and the run's totals to summary.json, in the run folder.
 
     Plain files that the benchmark suite (or a spreadsheet) reads without TensorBoard.
@@ -469,14 +712,35 @@ def write_results(run_dir: str, args: Args, episodes: dict, global_step: int, el
     with open(os.path.join(run_dir, "episodes.csv"), "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["global_step", "time_s", "return", "length"])
-        out.writerows(zip(episodes["steps"], (round(t, 3) for t in episodes["times"]), episodes["returns"], episodes["lengths"]))
+        out.writerows(zip(episodes["steps"], (round(t, 3) for t in episodes["times"]), episodes["returns"],
+                          episodes["lengths"]))
     summary = {"script": SCRIPT, "env_id": args.env_id, "seed": args.seed, "global_step": global_step,
                "total_timesteps": args.total_timesteps,
                "finished": global_step >= args.num_iterations * args.batch_size * args.world_size,  # every update done
-               "time_s": round(elapsed, 3), "sps": round(global_step / max(elapsed, 1e-9), 1), "episodes": len(episodes["returns"]),
+               "time_s": round(elapsed, 3), "sps": round(global_step / max(elapsed, 1e-9), 1),
+               "episodes": len(episodes["returns"]),
                "final_return": float(np.mean(episodes["returns"][-100:])) if episodes["returns"] else None}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logs, progress, health warnings
+# ----------------------------------------------------------------------------------------------------
+def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> tuple[float, bool]:
+    """1 - Var(returns - values) / Var(returns) over all ranks' batches, and whether the returns vary.
+
+    Explained variance says little when returns barely vary (e.g. every episode hits the time limit):
+    the second value is False then.
+    """
+    y, e = y_true.double(), (y_true - y_pred).double()
+    s = all_sum(torch.stack([y.new_tensor(y.numel()), y.sum(), (y**2).sum(), e.sum(), (e**2).sum(), y.abs().sum()]))
+    s = s.tolist()
+    n = s[0]
+    var_y, var_e = (s[2] - s[1] ** 2 / n) / max(n - 1, 1), (s[4] - s[3] ** 2 / n) / max(n - 1, 1)
+    ev = 1 - var_e / var_y if var_y > 0 else float("nan")
+    return ev, var_y > 0 and var_y**0.5 > 0.05 * s[5] / n
 
 
 class Logger:
@@ -484,9 +748,11 @@ class Logger:
 
     TensorBoard's writer thread competes with training for the interpreter lock; handing it scalars in
     bursts every few dozen updates instead of one at a time makes a fast run about 30% faster.
+    A resumed run writes on in the same folder and the same wandb run: what the first attempt logged
+    after its last checkpoint is hidden (purge_step), so no step shows twice.
     """
 
-    def __init__(self, run_dir: str, args: Args, every: int = 50):
+    def __init__(self, run_dir: str, args: Args, resumed: Optional[dict] = None, every: int = 50):
         self.buffer: list[tuple[str, float, int]] = []
         self.every = every
         self.wandb = None
@@ -496,11 +762,18 @@ class Logger:
             # Patching TensorBoard to this run's own folder keeps metric names unprefixed and avoids the
             # 10-second wait at exit that sync_tensorboard alone causes.
             wandb.tensorboard.patch(root_logdir=run_dir)
+            wandb_id = resumed.get("wandb_id") if resumed else None
             self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                                    config=asdict(args), name=os.path.basename(run_dir), save_code=True)
-        self.writer = SummaryWriter(run_dir)
-        table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-        self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+                                    config=asdict(args), name=os.path.basename(run_dir), save_code=True,
+                                    id=wandb_id, resume="allow" if wandb_id else None)
+        self.writer = SummaryWriter(run_dir, purge_step=resumed["global_step"] + 1 if resumed else None)
+        if not resumed:
+            table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+
+    @property
+    def wandb_id(self) -> Optional[str]:
+        return self.wandb.id if self.wandb is not None else None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.buffer.extend((k, v, step) for k, v in metrics.items())
@@ -553,9 +826,13 @@ class Progress:
     def warn(self, message: str) -> None:
         self.console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
+    def say(self, message: str) -> None:
+        self.console.print(message, highlight=False, soft_wrap=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None
 
 
 class Health:
@@ -566,19 +843,21 @@ class Health:
         # "Far above target": twice the target, or 0.05 when no target is set (typical values are ~0.01).
         self.kl_limit = 2 * target_kl if target_kl is not None else 0.05
 
-    def check(self, m: dict[str, float], step: int, late: bool, returns_vary: bool = True) -> None:
-        if m["losses/approx_kl"] > self.kl_limit:
-            self.warn("kl", f"approx KL {m['losses/approx_kl']:.3f} > {self.kl_limit:.3f} at step {step}: the policy moves "
-                      "far per update; lower --learning-rate or --update-epochs, or set --target-kl")
+    def check(self, metrics: dict[str, float], step: int, late: bool, returns_vary: bool = True) -> None:
+        kl = metrics["losses/approx_kl"]
+        if kl > self.kl_limit:
+            self.warn("kl", f"approx KL {kl:.3f} > {self.kl_limit:.3f} at step {step}: the policy moves far per "
+                      "update; lower --learning-rate or --update-epochs, or set --target-kl")
         # Explained variance is noisy from one batch to the next: judge its mean over the last 20 updates.
-        self.recent_ev = (self.recent_ev + [m["losses/explained_variance"] if returns_vary else float("nan")])[-20:]
+        ev = metrics["losses/explained_variance"] if returns_vary else float("nan")
+        self.recent_ev = (self.recent_ev + [ev])[-20:]
         ev = float(np.nanmean(self.recent_ev)) if np.isfinite(self.recent_ev).sum() >= 10 else 0.0
         if late and ev < 0:
             self.warn("ev", f"explained variance averaged {ev:.2f} < 0 over the last 20 updates at step {step}: the "
                       "critic predicts returns worse than their mean, so advantages are mostly noise")
-        if m["losses/ess"] < 0.5:
-            self.warn("ess", f"effective sample size fell to {m['losses/ess']:.2f} of the minibatch at step {step}: a few "
-                      "samples dominate the gradient; lower --learning-rate or --clip-coef")
+        if metrics["losses/ess"] < 0.5:
+            self.warn("ess", f"effective sample size fell to {metrics['losses/ess']:.2f} of the minibatch at step "
+                      f"{step}: a few samples dominate the gradient; lower --learning-rate or --clip-coef")
 
     def warn(self, kind: str, message: str) -> None:
         if kind not in self.seen:
@@ -587,298 +866,294 @@ class Health:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training
+# The run: everything around train()'s loop
 # ----------------------------------------------------------------------------------------------------
-def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
-    """Train PPO; returns the agent, run folder and the episodes seen ({"returns", "lengths", "steps", "times"}).
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
-    stop_at_step ends training early at that global step while the learning-rate schedule still runs
-    over args.total_timesteps (to look at the first part of a full-length run).
+
+class Run:
+    """One training run's machinery, reached from train() by one-line calls.
+
+    Run(args) checks the options, loads the checkpoint to resume from, joins the other ranks under torchrun,
+    seeds every random stream and names the run. start() resumes (parameters, Adam, envs, random streams)
+    or resets the envs, then opens the logs and catches Ctrl-C and SIGTERM. iterations() gives the update
+    numbers and, between updates, writes checkpoints and stops after a signal. record() counts the steps
+    and keeps the finished episodes; log_update() logs the diagnostics, checks PPO's health and moves the
+    progress bar. Leaving the `with` block closes everything and writes episodes.csv and summary.json,
+    however the run ended.
     """
-    check_args(args)
-    ckpt = load_file(args.resume, "checkpoint") if args.resume else None
-    if ckpt is not None:
-        if "optimizer" not in ckpt:
-            raise UsageError(f"--resume {args.resume} is a saved agent, not a checkpoint; resume from runs/<run_name>/checkpoint.pt")
-        for name in ("env_id", "num_envs"):
-            if ckpt["args"][name] != getattr(args, name):
-                raise UsageError(f"--resume {args.resume} was trained with --{name.replace('_', '-')} {ckpt['args'][name]}, "
-                                 f"not {getattr(args, name)}; drop the option to continue as it was")
-        if len(ckpt["ranks"]) != args.world_size:
-            raise UsageError(f"--resume {args.resume} was written by a run of {len(ckpt['ranks'])} process(es), not "
-                             f"{args.world_size}; resume it with as many (torchrun --nproc-per-node, or plain python for 1)")
-        args.run_name = ckpt["args"]["run_name"]
-    run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    args.run_name = run_name.replace("/", "-")
 
-    if args.cuda and not torch.cuda.is_available():
-        print("warning: --cuda given but no CUDA GPU is available; running on the CPU", file=sys.stderr)
-    rank, world_size, device = init_distributed(args.cuda)
-    main_rank = rank == 0  # the one that logs, shows progress and writes files
-    if world_size > 1:
-        names = [args.run_name]
-        dist.broadcast_object_list(names, src=0)  # rank 0's clock names the run
-        args.run_name = names[0]
-    run_dir = os.path.join("runs", args.run_name)
+    def __init__(self, args: Args, stop_at_step: Optional[int] = None):
+        check_args(args)
+        self.args, self.stop_at_step = args, stop_at_step
+        self.resumed = load_checkpoint(args) if args.resume else None
+        run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        args.run_name = run_name.replace("/", "-").replace(":", "-")
+        self.rank, self.world_size, self.device = init_distributed(args.cuda)
+        self.main = self.rank == 0  # the rank that logs, shows progress and writes files
+        if args.cuda and self.device.type != "cuda" and self.main:
+            print("note: no CUDA GPU is available; running on the CPU (--no-cuda silences this)", file=sys.stderr)
+        if self.world_size > 1:
+            names = [args.run_name]
+            dist.broadcast_object_list(names, src=0)  # rank 0's clock names the run
+            args.run_name = names[0]
+        self.run_dir = os.path.join("runs", args.run_name)
+        self.video_dir = os.path.join("videos", args.run_name) if args.capture_video and self.main else None
 
-    # Each rank its own random streams; rank 0 (and a single-process run) uses --seed itself.
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.set_num_threads(args.torch_threads)
+        # Each rank its own random streams; rank 0 (and a single-process run) uses --seed itself.
+        random.seed(args.seed + self.rank)
+        np.random.seed(args.seed + self.rank)
+        torch.manual_seed(args.seed + self.rank)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
 
-    video_dir = os.path.join("videos", args.run_name) if args.capture_video and main_rank else None
-    envs = make_envs(args.env_id, args.num_envs, video_dir)
-    check_spaces(args.env_id, envs)
-    obs_dim = envs.single_observation_space.shape[0]
-    n_actions = int(envs.single_action_space.n)
+        self.episodes = {"returns": [], "lengths": [], "steps": [], "times": []}
+        self.global_step, self.first_iteration, self.elapsed_before = 0, 1, 0.0
+        self.envs = self.logger = self.progress = None
+        self.signal, self.handlers, self.interrupted, self.checkpoint_path = None, {}, False, None
 
-    agent = Agent(obs_dim, n_actions).to(device)
-    # Listed once: walking the module tree costs about 0.1 ms, paid twice per minibatch otherwise.
-    params = list(agent.parameters())
-    if world_size > 1:
-        for p in params:
-            dist.broadcast(p.data, src=0)  # every rank starts from rank 0's initialization
-    # Adam eps 1e-5 (detail 3) instead of torch's 1e-8; the fused kernel does the whole step in one call.
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
+    def __enter__(self) -> "Run":
+        return self
 
-    # Rollout storage. obs has T + 1 rows: the observation after the last step is needed for bootstrapping.
-    T, N = args.num_steps, args.num_envs
-    obs = torch.zeros((T + 1, N, obs_dim), device=device)
-    actions = torch.zeros((T, N), dtype=torch.long, device=device)
-    # Env outputs stay in numpy during the rollout; they become tensors once per rollout, not once per step.
-    rewards = np.zeros((T, N), dtype=np.float32)
-    terminations = np.zeros((T, N), dtype=np.float32)
-    dones = np.zeros((T, N), dtype=np.float32)
-    valid = np.zeros((T, N), dtype=bool)
-
-    episodes = {"returns": [], "lengths": [], "steps": [], "times": []}
-    global_step, start_iteration, elapsed_before = 0, 1, 0.0
-    if ckpt is not None:
-        try:
-            agent.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UsageError(f"--resume {args.resume} does not fit this network ({str(e).splitlines()[0]})") from None
-        mine = ckpt["ranks"][rank]
-        if mine["envs"] is not None:
-            envs.close()
-            envs = restore_env_state(mine["envs"])
-            next_obs, next_valid = mine["next_obs"], mine["next_valid"]
-        else:  # the envs could not be saved: new episodes, seeded apart from those of the first start
-            next_obs, _ = envs.reset(seed=args.seed + rank * N + ckpt["global_step"])
+    # --- before the first update ------------------------------------------------------------------------
+    def start(self, agent: nn.Module, optimizer: torch.optim.Optimizer, envs: gym.vector.VectorEnv,
+              obs: torch.Tensor, valid: np.ndarray) -> gym.vector.VectorEnv:
+        """Resume from the checkpoint, or reset the envs; fills the last row of obs and valid, where the first
+        rollout starts. Returns the envs to train on."""
+        args, N = self.args, self.args.num_envs
+        check_autoreset(envs)
+        if self.world_size > 1:
+            for p in agent.parameters():
+                dist.broadcast(p.data, src=0)  # every rank starts from rank 0's initialization
+        ckpt = self.resumed
+        if ckpt is None:
+            # No two envs of the job share a seed: rank r's env i is seeded like env r * num_envs + i of one big run.
+            next_obs, _ = envs.reset(seed=args.seed + self.rank * N)
             next_valid = np.ones(N, dtype=bool)
-        torch.set_rng_state(mine["rng"]["torch"])
-        np.random.set_state(mine["rng"]["numpy"])
-        random.setstate(mine["rng"]["python"])
-        if device.type == "cuda" and mine["rng"]["cuda"] is not None:  # the sampling noise and shuffles on the GPU
-            torch.cuda.set_rng_state(mine["rng"]["cuda"], device)
-        global_step, start_iteration = ckpt["global_step"], ckpt["iteration"] + 1
-        episodes, elapsed_before = ckpt["episodes"], ckpt["elapsed"]
-    else:
-        # No two envs of the job share a seed: rank r's env i is seeded like env r * num_envs + i of one big run.
-        next_obs, _ = envs.reset(seed=args.seed + rank * N)
-        next_valid = np.ones(N, dtype=bool)
-    obs[T] = torch.as_tensor(next_obs, device=device)
+        else:
+            try:
+                agent.load_state_dict(ckpt["model"])
+                optimizer.load_state_dict(ckpt["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise UsageError(f"--resume {args.resume} does not fit this network "
+                                 f"({str(e).splitlines()[0]})") from None
+            rank_state = ckpt["ranks"][self.rank]
+            envs = restore_env_state(envs, rank_state["envs"])
+            if rank_state["envs"]["vector_env"] is None:  # not saved: new episodes, seeded apart from the first start's
+                next_obs, _ = envs.reset(seed=args.seed + self.rank * N + ckpt["global_step"])
+                next_valid = np.ones(N, dtype=bool)
+            else:
+                next_obs, next_valid = rank_state["next_obs"], rank_state["next_valid"]
+            rng = rank_state["rng"]
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+            if self.device.type == "cuda" and rng["cuda"] is not None:  # the sampling noise and shuffles on the GPU
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            self.global_step, self.first_iteration = ckpt["global_step"], ckpt["iteration"] + 1
+            self.episodes, self.elapsed_before = ckpt["episodes"], ckpt["elapsed"]
+        obs[-1] = torch.as_tensor(next_obs, device=self.device)
+        valid[-1] = next_valid
+        self.agent, self.optimizer, self.envs, self.obs, self.valid = agent, optimizer, envs, obs, valid
 
-    def checkpoint(iteration: int) -> Optional[str]:
-        # Parameters and optimizer are the same on every rank; envs and random streams are each rank's own.
-        mine = {"envs": env_state(envs), "next_obs": obs[T].cpu().numpy(), "next_valid": next_valid.copy(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
-        ranks = [mine]
-        if world_size > 1:
-            ranks = [None] * world_size if main_rank else None
-            dist.gather_object(mine, ranks, dst=0)
-        if not main_rank:
-            return None
-        path = os.path.join(run_dir, "checkpoint.pt")
-        save_atomic({
-            "script": SCRIPT, "args": asdict(args), "iteration": iteration, "global_step": global_step,
-            "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "ranks": ranks,
-            "episodes": episodes, "elapsed": elapsed_before + time.time() - start_time,
-        }, path)
-        return path
+        if self.main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            self.logger = Logger(self.run_dir, args, ckpt)
+        self.progress = Progress(args.progress and self.main, args.total_timesteps, self.global_step)
+        self.health = Health(self.progress, args.target_kl)
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNAL_NAMES:
+                self.handlers[signum] = signal.signal(signum, self.on_signal)
+        self.start_time = self.last_checkpoint = time.time()
+        self.start_step, self.episodes_sent = self.global_step, len(self.episodes["returns"])
+        return envs
 
-    if main_rank:
-        os.makedirs(run_dir, exist_ok=True)
-        logger = Logger(run_dir, args)
-    progress = Progress(args.progress and main_rank, args.total_timesteps, global_step)
-    health = Health(progress, args.target_kl)
-
-    # Ctrl-C finishes the current update, writes a checkpoint and stops; a second Ctrl-C quits at once.
-    stop_requested = []
-
-    def on_sigint(signum, frame):
-        if stop_requested:
+    def on_signal(self, signum, frame) -> None:
+        # The first Ctrl-C or SIGTERM lets the update finish, then a checkpoint is written; a second one quits at once.
+        if self.signal is not None:
             raise KeyboardInterrupt
-        stop_requested.append(True)
-        if main_rank:
-            progress.warn("Ctrl-C: finishing this update, then writing a checkpoint (Ctrl-C again quits at once)")
+        self.signal = signum
+        if self.main:
+            self.progress.warn(f"{SIGNAL_NAMES[signum]}: finishing this update, then writing a checkpoint "
+                               f"({SIGNAL_NAMES[signum]} again quits at once)")
 
-    previous_handler = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
-    start_time, start_step = time.time(), global_step
-    interrupted = False
-    try:
-        for iteration in range(start_iteration, args.num_iterations + 1):
-            if args.anneal_lr:
-                optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations)
-
-            # --- rollout: the actor alone, no autograd bookkeeping ---
-            obs[0] = obs[T]
-            seen = len(episodes["returns"])
-            with torch.inference_mode():
-                for step in range(T):
-                    valid[step] = next_valid
-                    action = agent.act(obs[step])
-                    actions[step] = action
-                    # On the CPU .cpu() is free; with a GPU this is the one unavoidable copy per step.
-                    next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
-                    rewards[step], terminations[step] = reward, terminated
-                    done = np.logical_or(terminated, truncated)
-                    dones[step] = done
-                    # The step after an episode ends only resets that env: not a transition to learn from.
-                    next_valid = ~done
-                    obs[step + 1] = torch.as_tensor(next_obs, device=device)
-                    if "_episode" in info:
-                        ended = info["_episode"]
-                        n_ended = int(ended.sum())
-                        episodes["returns"].extend(info["episode"]["r"][ended].tolist())
-                        episodes["lengths"].extend(info["episode"]["l"][ended].tolist())
-                        episodes["steps"].extend([global_step + (step + 1) * N * world_size] * n_ended)
-                        episodes["times"].extend([elapsed_before + time.time() - start_time] * n_ended)
-            global_step += T * N * world_size
-            if world_size > 1:  # rank 0 logs the episodes of every rank
-                everyone = [None] * world_size if main_rank else None
-                dist.gather_object({k: v[seen:] for k, v in episodes.items()}, everyone, dst=0)
-                for other in everyone[1:] if main_rank else []:
-                    for k, v in other.items():
-                        episodes[k].extend(v)
-
-            # --- the old policy's log-probs and values, and advantages, in one batched pass ---
-            b_obs, b_actions = obs[:-1].flatten(0, 1), actions.flatten(0, 1)
-            with torch.no_grad():
-                b_logprobs, _, b_values = agent.evaluate(b_obs, b_actions)
-                values = torch.cat([b_values, agent.get_value(obs[T])]).view(T + 1, N)
-                advantages = compute_gae(torch.from_numpy(rewards).to(device), values,
-                                         torch.from_numpy(terminations).to(device), torch.from_numpy(dones).to(device),
-                                         args.gamma, args.gae_lambda)
-                b_advantages = advantages.reshape(-1)
-                b_returns = b_advantages + b_values
-            b_inds = torch.from_numpy(valid.reshape(-1)).to(device).nonzero().squeeze(1)
-            if len(b_inds) < 2 * args.num_minibatches:  # a minibatch of one has no advantage std to normalize by
-                raise UsageError(f"this rollout holds only {len(b_inds)} transitions to learn from (the other steps only reset "
-                                 f"an env after its episode ended), too few for --num-minibatches {args.num_minibatches}; "
-                                 f"use fewer minibatches or a larger --num-steps")
-
-            # --- K epochs of minibatch Adam on the batch ---
-            mb_stats = []
-            for epoch in range(args.update_epochs):
-                perm = b_inds[torch.randperm(len(b_inds), device=device)]
-                logratios = []
-                for mb in torch.tensor_split(perm, args.num_minibatches):
-                    newlogp, entropy, newvalue = agent.evaluate(b_obs[mb], b_actions[mb])
-                    mb_advantages = b_advantages[mb]
-                    if world_size > 1 and args.norm_adv:  # normalize over the global minibatch, not this rank's part
-                        mb_advantages = normalize_across_ranks(mb_advantages, world_size)
-                    loss, stats = ppo_loss(newlogp, b_logprobs[mb], mb_advantages, newvalue, b_values[mb],
-                                           b_returns[mb], entropy, clip_coef=args.clip_coef, vf_coef=args.vf_coef,
-                                           ent_coef=args.ent_coef, norm_adv=args.norm_adv and world_size == 1,
-                                           clip_vloss=args.clip_vloss)
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"the loss became {loss.item()} at step {global_step} (update {iteration}); training stopped "
-                            f"before applying it. Lower --learning-rate or --max-grad-norm; the last checkpoint (if any) "
-                            f"is kept in {run_dir}")
-                    optimizer.zero_grad()
-                    loss.backward()
-                    average_gradients(params, world_size)
-                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                    optimizer.step()
-                    logratios.append(stats.pop("logratio"))
-                    mb_stats.append(torch.stack([*stats.values(), grad_norm]))
-                shift = policy_shift(torch.cat(logratios), args.clip_coef)
-                # Averaged over the ranks, so that every rank takes the same early-stop decision.
-                shift = dict(zip(shift, all_sum(torch.stack(list(shift.values())), world_size) / world_size))
-                if args.target_kl is not None and shift["approx_kl"] > args.target_kl:
-                    break  # early stop (detail 12): the policy already moved as far as we allow
-
-            # --- diagnostics, over all ranks: one host sync per update ---
-            with torch.no_grad():
-                explained_var, returns_vary = explained_variance(b_values[b_inds], b_returns[b_inds], world_size)
-                # Losses are averaged over all minibatches; the policy's shift is measured over the last epoch.
-                means = (all_sum(torch.stack(mb_stats).mean(0), world_size) / world_size).tolist()
-            m = {f"losses/{k}": v for k, v in zip([*stats.keys(), "grad_norm"], means)}
-            m.update({f"losses/{k}": v.item() for k, v in shift.items()})
-            m["losses/explained_variance"] = explained_var
-            m["losses/epochs"] = epoch + 1
-            elapsed = time.time() - start_time
-            sps = (global_step - start_step) / elapsed
-            m["charts/learning_rate"] = optimizer.param_groups[0]["lr"]
-            m["charts/SPS"] = sps
-            recent = episodes["returns"][-20:]
-            if recent:
-                m["charts/episodic_return"] = float(np.mean(recent))
-                m["charts/episodic_length"] = float(np.mean(episodes["lengths"][-20:]))
-            if main_rank:
-                logger.log(m, global_step)
-                health.check(m, global_step, late=iteration > args.num_iterations // 2, returns_vary=returns_vary)
-                progress.update(global_step, sps, m.get("charts/episodic_return", float("nan")))
-
-            stop = bool(stop_requested)
-            if world_size > 1:  # Ctrl-C reaches the ranks at slightly different moments: all stop together
-                stop = all_sum(torch.tensor(float(stop), device=device), world_size).item() > 0
-            if args.checkpoint_every and iteration % args.checkpoint_every == 0:
-                checkpoint(iteration)
+    # --- during training ----------------------------------------------------------------------------------
+    def iterations(self):
+        """The numbers of the updates still to run. After each: a checkpoint when one is due (every
+        --checkpoint-every updates, every --checkpoint-minutes), and the end of the run after Ctrl-C or SIGTERM
+        (with a checkpoint) or at stop_at_step."""
+        for iteration in range(self.first_iteration, self.args.num_iterations + 1):
+            self.iteration = iteration
+            yield iteration
+            every = self.args.checkpoint_every and iteration % self.args.checkpoint_every == 0
+            minutes = self.args.checkpoint_minutes and \
+                time.time() - self.last_checkpoint >= 60 * self.args.checkpoint_minutes
+            stop, due = self.agree(self.signal is not None, every or minutes)
+            if stop or due:
+                self.checkpoint()
             if stop:
-                path = checkpoint(iteration)
-                if main_rank:
-                    progress.warn(f"stopped at step {global_step}; checkpoint written to {path}; continue with --resume {path}")
-                interrupted = True
-                break
-            if stop_at_step is not None and global_step >= stop_at_step:
-                break
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
-        progress.close()
-        envs.close()
-        if main_rank:
-            logger.close()
-            write_results(run_dir, args, episodes, global_step, elapsed_before + time.time() - start_time)
-        if world_size > 1:
+                self.interrupted = True
+                return
+            if self.stop_at_step is not None and self.global_step >= self.stop_at_step:
+                return
+
+    def agree(self, *flags: bool) -> list[bool]:
+        """Each flag raised on any rank, so that all ranks stop and checkpoint after the same update
+        (a signal reaches them at slightly different moments)."""
+        if self.world_size == 1:
+            return list(flags)
+        return [x > 0 for x in all_sum(torch.tensor([float(f) for f in flags], device=self.device)).tolist()]
+
+    def record(self, info: dict) -> None:
+        """Count one step of the vector env, and keep the episodes that ended in it."""
+        self.global_step += self.args.num_envs * self.world_size
+        if "_episode" in info:
+            ended = info["_episode"]
+            n_ended = int(ended.sum())
+            self.episodes["returns"].extend(info["episode"]["r"][ended].tolist())
+            self.episodes["lengths"].extend(info["episode"]["l"][ended].tolist())
+            self.episodes["steps"].extend([self.global_step] * n_ended)
+            self.episodes["times"].extend([self.elapsed()] * n_ended)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.start_time
+
+    def check_batch(self, n_transitions: int) -> None:
+        if n_transitions < 2 * self.args.num_minibatches:  # a minibatch of one has no advantage std to normalize by
+            raise UsageError(f"this rollout holds only {n_transitions} transitions to learn from (the other steps only "
+                             f"reset an env after its episode ended), too few for --num-minibatches "
+                             f"{self.args.num_minibatches}; use fewer minibatches or a larger --num-steps")
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} at step {self.global_step} (update {self.iteration}); training "
+                f"stopped before applying it. Lower --learning-rate or --max-grad-norm; the last checkpoint (if any) "
+                f"is kept in {self.run_dir}")
+
+    def log_update(self, diagnostics: dict[str, torch.Tensor], explained_var: tuple[float, bool], epochs: int) -> None:
+        """Log one update's diagnostics, averaged over the ranks, with one host sync; check PPO's health."""
+        if self.world_size > 1:  # rank 0 logs the episodes of every rank
+            everyone = [None] * self.world_size if self.main else None
+            dist.gather_object({k: v[self.episodes_sent:] for k, v in self.episodes.items()}, everyone, dst=0)
+            for other in everyone[1:] if self.main else []:
+                for k, v in other.items():
+                    self.episodes[k].extend(v)
+            self.episodes_sent = len(self.episodes["returns"])
+        means = (all_sum(torch.stack(list(diagnostics.values()))) / self.world_size).tolist()
+        metrics = {f"losses/{k}": v for k, v in zip(diagnostics, means)}
+        metrics["losses/explained_variance"], returns_vary = explained_var
+        metrics["losses/epochs"] = epochs
+        sps = (self.global_step - self.start_step) / (time.time() - self.start_time)
+        metrics["charts/learning_rate"] = self.optimizer.param_groups[0]["lr"]
+        metrics["charts/SPS"] = sps
+        if self.episodes["returns"]:
+            metrics["charts/episodic_return"] = float(np.mean(self.episodes["returns"][-20:]))
+            metrics["charts/episodic_length"] = float(np.mean(self.episodes["lengths"][-20:]))
+        if self.main:
+            self.logger.log(metrics, self.global_step)
+            self.health.check(metrics, self.global_step, late=self.iteration > self.args.num_iterations // 2,
+                              returns_vary=returns_vary)
+            self.progress.update(self.global_step, sps, metrics.get("charts/episodic_return", float("nan")))
+
+    def checkpoint(self) -> Optional[str]:
+        """Write runs/<run>/checkpoint.pt: all a resumed run needs to go on as an uninterrupted one would."""
+        # Parameters and optimizer are the same on every rank; envs and random streams are each rank's own.
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        rank_state = {"envs": env_state(self.envs), "next_obs": self.obs[-1].cpu().numpy(),
+                      "next_valid": self.valid[-1].copy(),
+                      "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                              "python": random.getstate(), "cuda": cuda}}
+        ranks = [rank_state]
+        if self.world_size > 1:
+            ranks = [None] * self.world_size if self.main else None
+            dist.gather_object(rank_state, ranks, dst=0)
+        self.last_checkpoint = time.time()
+        if not self.main:
+            return None
+        self.logger.flush()  # every scalar up to this update is on disk, so a crash now loses none of them
+        self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
+        save_atomic({"script": SCRIPT, "args": asdict(self.args), "iteration": self.iteration,
+                     "global_step": self.global_step, "model": self.agent.state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "env_stats": env_stats(self.envs), "ranks": ranks,
+                     "episodes": self.episodes, "elapsed": self.elapsed(), "wandb_id": self.logger.wandb_id},
+                    self.checkpoint_path)
+        return self.checkpoint_path
+
+    # --- after the last update --------------------------------------------------------------------------
+    def result(self, agent: nn.Module) -> dict:
+        """Save the trained agent (with --save-model), and what train() returns."""
+        path = os.path.join(self.run_dir, "agent.pt")
+        if self.args.save_model and not self.interrupted and self.main:
+            # The env statistics belong to the model: without them the policy would see other inputs.
+            save_atomic({"script": SCRIPT, "args": asdict(self.args), "model": agent.state_dict(),
+                         "env_stats": env_stats(self.envs)}, path)
+        return {"agent": agent, "run_dir": self.run_dir, "episodes": self.episodes, "global_step": self.global_step,
+                "interrupted": self.interrupted, "signal": self.signal, "env_stats": env_stats(self.envs)}
+
+    def __exit__(self, kind, error, traceback) -> None:
+        for signum, handler in self.handlers.items():
+            signal.signal(signum, handler)
+        if self.progress is not None:
+            self.progress.close()
+        if self.envs is not None:
+            self.envs.close()
+        if self.main and self.logger is not None:
+            self.logger.close()
+            summary = write_results(self.run_dir, self.args, self.episodes, self.global_step, self.elapsed())
+            if error is None or isinstance(error, KeyboardInterrupt):
+                self.progress.say(self.closing_line(summary))
+        if self.world_size > 1:
+            if error is None:
+                dist.barrier()  # no rank tears down the process group while another still uses it
             dist.destroy_process_group()
 
-    if args.save_model and not interrupted and main_rank:
-        path = os.path.join(run_dir, "agent.pt")
-        save_atomic({"script": SCRIPT, "args": asdict(args), "model": agent.state_dict(),
-                     "obs_dim": obs_dim, "n_actions": n_actions}, path)
-        print(f"saved agent to {path}", file=sys.stderr)
-    return {"agent": agent, "run_dir": run_dir, "episodes": episodes, "global_step": global_step,
-            "interrupted": interrupted}
+    def closing_line(self, summary: dict) -> str:
+        final = "no episode finished" if summary["final_return"] is None else \
+            f"final return {summary['final_return']:.2f} (mean of the last {min(100, summary['episodes'])} episodes)"
+        head = "finished" if summary["finished"] else (
+            f"stopped by {SIGNAL_NAMES.get(self.signal, 'request')}" if self.signal else "stopped")
+        line = (f"{head}: {self.global_step:,} of {self.args.total_timesteps:,} steps in {summary['time_s']:.0f} s "
+                f"({summary['sps']:,.0f} steps/s), {final}; files in {self.run_dir} (tensorboard --logdir runs)")
+        if self.interrupted and self.checkpoint_path:
+            command = f"python {SCRIPT}.py" if self.world_size == 1 else "the same torchrun command with"
+            line += f"\ncheckpoint written; continue with: {command} --resume {self.checkpoint_path}"
+        return line
 
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluation of a saved agent
+# Evaluation of a saved agent, and the command line
 # ----------------------------------------------------------------------------------------------------
-def evaluate(path: str, episodes: int, seed: int = 0, video_dir: Optional[str] = None) -> np.ndarray:
-    """Play `episodes` episodes with a saved agent (or a checkpoint); returns their undiscounted returns."""
+EVAL_SEED_OFFSET = 1_000_000_000  # evaluation episodes are seeded apart from every training env
+
+
+def evaluate(path: str, episodes: int, seed: Optional[int] = None, deterministic: bool = False,
+             video_dir: Optional[str] = None) -> np.ndarray:
+    """Play `episodes` episodes with a saved agent (or a checkpoint); returns their undiscounted returns.
+
+    seed: the env seed (default: EVAL_SEED_OFFSET + the training seed, so no training episode is replayed).
+    deterministic: the most likely action instead of a sample of the policy.
+    """
     data = load_file(path, "--eval-checkpoint")
-    env_id = data["args"]["env_id"]
-    envs = make_envs(env_id, 1, video_dir)
-    check_spaces(env_id, envs)
-    agent = Agent(envs.single_observation_space.shape[0], int(envs.single_action_space.n))
+    args = saved_args(data)
+    envs = make_envs(args, 1, video_dir)
+    check_spaces(args.env_id, envs)
+    load_env_stats(envs, data.get("env_stats", {}))
+    agent = Agent(envs)
     try:
         agent.load_state_dict(data["model"])
     except RuntimeError as e:
         raise UsageError(f"--eval-checkpoint {path} does not fit this network ({str(e).splitlines()[0]})") from None
+    seed = EVAL_SEED_OFFSET + args.seed if seed is None else seed
     torch.manual_seed(seed)
     returns = []
     next_obs, _ = envs.reset(seed=seed)
     with torch.inference_mode():
         while len(returns) < episodes:
-            action = agent.act(torch.as_tensor(next_obs, dtype=torch.float32))
+            obs = torch.as_tensor(next_obs)
+            # As in the rollout buffer: vector observations as float32, Atari frames as they are (uint8).
+            action = agent.act(obs.float() if obs.is_floating_point() else obs, deterministic=deterministic)
             next_obs, _, _, _, info = envs.step(action.numpy())
             if "_episode" in info:
                 returns.extend(info["episode"]["r"][info["_episode"]].tolist())
@@ -895,23 +1170,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "--resume" in argv and argv.index("--resume") + 1 < len(argv):
             resume = argv[argv.index("--resume") + 1]
         if resume:
-            saved = load_file(resume, "checkpoint")["args"]
-            default = Args(**{k: v for k, v in saved.items() if k in Args.__dataclass_fields__})
+            default = saved_args(load_file(resume, "checkpoint"))
         args = tyro.cli(Args, args=argv, default=default, description=__doc__.split("\n")[0])
         if args.eval_checkpoint:
             if args.world_size > 1:
                 raise UsageError("--eval-checkpoint plays in one process; run it with python, not torchrun")
             if args.eval_episodes <= 0:
                 raise UsageError(f"--eval-episodes is {args.eval_episodes}; it must be a positive integer")
-            video_dir = os.path.join("videos", "eval-" + os.path.basename(os.path.dirname(os.path.abspath(args.eval_checkpoint)))) \
-                if args.capture_video else None
-            returns = evaluate(args.eval_checkpoint, args.eval_episodes, args.seed, video_dir)
-            print(f"{len(returns)} episodes: return {returns.mean():.2f} +- {returns.std():.2f} "
-                  f"(min {returns.min():.1f}, max {returns.max():.1f})")
+            folder = os.path.basename(os.path.dirname(os.path.abspath(args.eval_checkpoint)))
+            video_dir = os.path.join("videos", "eval-" + folder) if args.capture_video else None
+            seed = args.eval_seed if args.eval_seed is not None else EVAL_SEED_OFFSET + saved_args(
+                load_file(args.eval_checkpoint, "--eval-checkpoint")).seed
+            returns = evaluate(args.eval_checkpoint, args.eval_episodes, seed, args.eval_deterministic, video_dir)
+            mode = "deterministic actions" if args.eval_deterministic else "actions sampled from the policy"
+            print(f"{len(returns)} episodes ({mode}, env seed {seed}): return {returns.mean():.2f} +- "
+                  f"{returns.std():.2f} (min {returns.min():.1f}, max {returns.max():.1f})")
             return 0
         result = train(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except gym.error.DependencyNotInstalled as e:
+        print(f"error: the env needs a package that is not installed: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
@@ -919,7 +1199,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 130 if result["interrupted"] else 0
+    return 128 + result["signal"] if result["interrupted"] else 0
 
 
 if __name__ == "__main__":

@@ -27,11 +27,11 @@ if os.environ.get("FAIL_RANK") == str(rank):
     else:
         average_gradients, calls = ppo.average_gradients, []
 
-        def failing(params, world_size):
+        def failing(params):
             calls.append(1)
             if len(calls) == 3:
                 raise RuntimeError(f"injected failure on rank {rank}")
-            average_gradients(params, world_size)
+            average_gradients(params)
 
         ppo.average_gradients = failing
 
@@ -42,7 +42,7 @@ def train_and_record(args, stop_at_step=None):
     stop = os.environ.get("STOP_AT")
     result = train(args, stop_at_step=int(stop) if stop else None)
     torch.save({"model": result["agent"].state_dict(), "global_step": result["global_step"],
-                "episodes": len(result["episodes"]["returns"]), "obs_rms": result.get("obs_rms"),
+                "episodes": len(result["episodes"]["returns"]), "obs_rms": result["env_stats"].get("obs_rms"),
                 "minibatch_size": args.minibatch_size, "world_size": args.world_size},
                os.path.join(out, f"rank{rank}.pt"))
     return result

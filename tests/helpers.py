@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import gymnasium as gym
 import numpy as np
@@ -50,6 +51,15 @@ def register_test_envs() -> None:
     gym.register("TestContinuous-v0", entry_point=ConstantEnv, kwargs={"continuous": True})
     gym.register("TestContinuousNaN-v0", entry_point=ConstantEnv,
                  kwargs={"continuous": True, "length": 20, "nan_after": 3000})
+
+
+def spaces(obs_space: gym.Space, action_space: gym.Space) -> SimpleNamespace:
+    """What Agent(envs) reads of a vector env: the spaces of one of its envs."""
+    return SimpleNamespace(single_observation_space=obs_space, single_action_space=action_space)
+
+
+def box(*shape: int) -> gym.spaces.Box:
+    return gym.spaces.Box(-np.inf, np.inf, shape, np.float32)
 
 
 def run_script(script: str, *args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import ppo_atari as ppo
-from helpers import assert_bad_input, run_script, same_params
+from helpers import assert_bad_input, run_script, same_params, spaces
 
 SCRIPT = "ppo_atari.py"
+FRAMES = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
 
 
 def tiny(**kw) -> ppo.Args:
@@ -19,7 +20,7 @@ def tiny(**kw) -> ppo.Args:
 
 
 def test_frames_are_84x84_gray_uint8_stacked_oldest_first():
-    envs = ppo.make_envs("BreakoutNoFrameskip-v4", 1)
+    envs = ppo.make_envs(ppo.Args(), 1)
     obs, _ = envs.reset(seed=0)
     assert obs.shape == (1, 4, 84, 84) and obs.dtype == np.uint8
     for action in [2, 3, 2, 2, 3]:
@@ -59,7 +60,7 @@ def test_sticky_actions_setting():
 
 
 def test_reported_return_is_the_unclipped_score_over_all_lives():
-    envs = ppo.make_envs("SpaceInvadersNoFrameskip-v4", 1)
+    envs = ppo.make_envs(ppo.Args(env_id="SpaceInvadersNoFrameskip-v4"), 1)
     envs.reset(seed=0)
     rng = np.random.default_rng(0)
     clipped_sum, lives_seen = 0.0, set()
@@ -93,12 +94,12 @@ def test_a_lost_life_ends_the_episode_for_learning_only(monkeypatch):
 
 
 def test_cnn_shapes():
-    agent = ppo.Agent(6)
+    agent = ppo.Agent(spaces(FRAMES, gym.spaces.Discrete(6)))
     obs = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
-    assert agent.hidden(obs).shape == (3, 512)
+    assert agent.network(obs.float()).shape == (3, 512)
     assert agent.get_value(obs).shape == (3,)
     assert agent.act(obs).shape == (3,) and agent.act(obs).max() < 6
-    logp, entropy, value = agent.evaluate(obs, torch.tensor([0, 1, 5]))
+    _, logp, entropy, value = agent.get_action_and_value(obs, torch.tensor([0, 1, 5]))
     assert logp.shape == entropy.shape == value.shape == (3,)
     assert torch.allclose(entropy, torch.full((3,), np.log(6)), atol=1e-3)  # 0.01 head gain: near uniform
 
@@ -144,13 +145,13 @@ def test_bfloat16_autocast_trains():
 
 def test_bfloat16_runs_only_the_trunk_the_heads_and_sampling_stay_fp32():
     torch.manual_seed(0)
-    agent = ppo.Agent(4)
+    agent = ppo.Agent(spaces(FRAMES, gym.spaces.Discrete(4)))
     obs = torch.randint(0, 256, (6, 4, 84, 84), dtype=torch.uint8)
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
-        assert agent.hidden(obs).dtype == torch.bfloat16
-        logits, value = agent.heads(agent.hidden(obs))
-        action, logp, value2 = agent.act_with_value(obs)
-        newlogp, entropy, value3 = agent.evaluate(obs, action)
+        assert agent.network(obs.float()).dtype == torch.bfloat16
+        logits, value = agent(obs)
+        action, logp, _, value2 = agent.get_action_and_value(obs)
+        _, newlogp, entropy, value3 = agent.get_action_and_value(obs, action)
     assert logits.dtype == value.dtype == logp.dtype == value2.dtype == newlogp.dtype == entropy.dtype == torch.float32
     torch.testing.assert_close(logp, newlogp)
     torch.testing.assert_close(value2, value3)
@@ -196,11 +197,12 @@ def test_one_step_plays_4_frames_and_sees_the_max_of_the_last_two():
 
 def test_frames_are_scaled_to_0_1_inside_the_network():
     torch.manual_seed(0)
-    agent = ppo.Agent(4)
+    agent = ppo.Agent(spaces(FRAMES, gym.spaces.Discrete(4)))
     obs = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
     with torch.no_grad():
-        torch.testing.assert_close(agent.hidden(obs), agent.network(obs.float() / 255.0), rtol=1e-4, atol=1e-5)
-        assert not torch.allclose(agent.hidden(obs), agent.network(obs.float()), rtol=1e-2)
+        hidden = agent.network(obs.float() / 255.0)
+        torch.testing.assert_close(agent(obs)[1], agent.critic(hidden).squeeze(-1), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(agent(obs)[1], agent.critic(agent.network(obs.float())).squeeze(-1), rtol=1e-2)
 
 
 def test_fire_is_pressed_after_a_lost_life():

@@ -12,7 +12,7 @@ import torch
 import gymnasium as gym
 import ppo_continuous as ppo
 from gymnasium.wrappers.utils import RunningMeanStd
-from helpers import ROOT, ConstantEnv, assert_bad_input, register_test_envs, run_script, same_params
+from helpers import ROOT, ConstantEnv, assert_bad_input, box, register_test_envs, run_script, same_params, spaces
 
 register_test_envs()
 SCRIPT = "ppo_continuous.py"
@@ -33,11 +33,11 @@ def tiny(**kw) -> ppo.Args:
 
 def test_gaussian_log_prob_and_entropy_match_torch_normal():
     torch.manual_seed(0)
-    agent = ppo.Agent(5, 3)
+    agent = ppo.Agent(spaces(box(5), box(3)))
     with torch.no_grad():
         agent.actor_logstd.copy_(torch.tensor([[-0.5, 0.0, 0.7]]))
     obs, action = torch.randn(16, 5), torch.randn(16, 3) * 2
-    logp, entropy, value = agent.evaluate(obs, action)
+    _, logp, entropy, value = agent.get_action_and_value(obs, action)
     dist = torch.distributions.Normal(agent.actor_mean(obs), agent.actor_logstd.exp().expand(16, 3))
     torch.testing.assert_close(logp, dist.log_prob(action).sum(-1))
     torch.testing.assert_close(entropy, dist.entropy().sum(-1))
@@ -46,23 +46,23 @@ def test_gaussian_log_prob_and_entropy_match_torch_normal():
     samples = agent.act(obs[:1].expand(40000, 5)).detach()
     torch.testing.assert_close(samples.mean(0), dist.mean[0].detach(), atol=0.03, rtol=0)
     torch.testing.assert_close(samples.std(0), dist.stddev[0].detach(), atol=0.03, rtol=0)
-    assert torch.equal(agent.act(obs, greedy=True), agent.actor_mean(obs))
+    assert torch.equal(agent.act(obs, deterministic=True), agent.actor_mean(obs))
 
 
 def test_the_stored_action_is_unclipped_and_the_env_gets_a_clipped_copy(monkeypatch):
     seen_by_env, trained_on = [], []
-    original_step, original_evaluate = ConstantEnv.step, ppo.Agent.evaluate
+    original_step, original_evaluate = ConstantEnv.step, ppo.Agent.get_action_and_value
 
     def step(self, action):
         seen_by_env.append(np.array(action))
         return original_step(self, action)
 
-    def evaluate(self, obs, action):
+    def evaluate(self, obs, action=None):
         trained_on.append(action.detach().clone())
         return original_evaluate(self, obs, action)
 
     monkeypatch.setattr(ConstantEnv, "step", step)
-    monkeypatch.setattr(ppo.Agent, "evaluate", evaluate)
+    monkeypatch.setattr(ppo.Agent, "get_action_and_value", evaluate)
     ppo.train(tiny(env_id="TestContinuous-v0", total_timesteps=256, num_envs=1))
     sent, stored = np.concatenate(seen_by_env), torch.cat(trained_on)
     assert np.abs(sent).max() <= 1.0  # the env's bounds are [-1, 1]; the initial std is 1
@@ -76,36 +76,39 @@ def test_end_to_end_save_and_evaluate_from_the_command_line(in_tmp_dir):
     path = in_tmp_dir / "runs" / "cli" / "agent.pt"
     out = run_script(SCRIPT, "--eval-checkpoint", str(path), "--eval-episodes", "2")
     assert out.returncode == 0, out.stderr
-    assert "2 episodes: return" in out.stdout
+    assert "2 episodes (" in out.stdout and "): return" in out.stdout
 
 
 def test_normalization_statistics_are_part_of_the_saved_model(in_tmp_dir):
     result = ppo.train(tiny(save_model=True))
     saved = torch.load(in_tmp_dir / "runs" / "tiny" / "agent.pt", weights_only=True)
     for k in ("mean", "var"):
-        assert torch.equal(saved["obs_rms"][k], result["obs_rms"][k])
-    assert saved["obs_rms"]["count"] == result["obs_rms"]["count"] > 1000
-    assert not torch.allclose(saved["obs_rms"]["var"], torch.ones_like(saved["obs_rms"]["var"]))
+        assert torch.equal(saved["env_stats"]["obs_rms"][k], result["env_stats"]["obs_rms"][k])
+    assert saved["env_stats"]["obs_rms"]["count"] == result["env_stats"]["obs_rms"]["count"] > 1000
+    assert not torch.allclose(saved["env_stats"]["obs_rms"]["var"], torch.ones_like(saved["env_stats"]["obs_rms"]["var"]))
 
     # Same raw observations -> same actions, before saving and after loading.
     raw = np.random.default_rng(0).normal(size=(8, 4)) * 0.3
 
     def policy(agent, stats):
-        envs = ppo.make_envs("InvertedPendulum-v5", 1, obs_rms=ppo.rms_from_dict(stats))
+        envs = ppo.make_envs(tiny(), 1)
+        ppo.load_env_stats(envs, stats)
         normed = np.clip(ppo.obs_normalizer(envs).observations(raw), -10, 10)
-        return agent.act(torch.as_tensor(normed, dtype=torch.float32), greedy=True).detach()
+        return agent.act(torch.as_tensor(normed, dtype=torch.float32), deterministic=True).detach()
 
-    loaded = ppo.Agent(4, 1)
+    loaded = ppo.Agent(spaces(box(4), box(1)))
     loaded.load_state_dict(saved["model"])
-    assert torch.equal(policy(result["agent"], result["obs_rms"]), policy(loaded, saved["obs_rms"]))
+    assert torch.equal(policy(result["agent"], result["env_stats"]), policy(loaded, saved["env_stats"]))
 
     # Evaluation uses the statistics frozen: playing episodes does not move them.
-    envs = ppo.make_envs("InvertedPendulum-v5", 1, obs_rms=ppo.rms_from_dict(saved["obs_rms"]))
+    envs = ppo.make_envs(tiny(), 1)
+    ppo.load_env_stats(envs, saved["env_stats"])
     envs.reset(seed=0)
     for _ in range(50):
         envs.step(np.zeros((1, 1), np.float32))
     after = ppo.rms_to_dict(ppo.obs_normalizer(envs).obs_rms)
-    assert torch.equal(after["mean"], saved["obs_rms"]["mean"]) and after["count"] == saved["obs_rms"]["count"]
+    stats = saved["env_stats"]["obs_rms"]
+    assert torch.equal(after["mean"], stats["mean"]) and after["count"] == stats["count"]
     returns = ppo.evaluate(str(in_tmp_dir / "runs" / "tiny" / "agent.pt"), episodes=2)
     assert returns.shape == (2,)
 
@@ -119,7 +122,7 @@ def test_resume_mid_episode_in_mujoco_is_exact(in_tmp_dir):
     resumed = ppo.train(tiny(resume=str(in_tmp_dir / "runs" / "cut" / "checkpoint.pt"), **kw))
     assert resumed["global_step"] == 2048
     assert same_params(straight["agent"].state_dict(), resumed["agent"].state_dict())
-    assert torch.equal(straight["obs_rms"]["mean"], resumed["obs_rms"]["mean"])
+    assert torch.equal(straight["env_stats"]["obs_rms"]["mean"], resumed["env_stats"]["obs_rms"]["mean"])
     assert straight["episodes"]["returns"] == resumed["episodes"]["returns"]
 
 
@@ -192,9 +195,9 @@ def test_egl_is_asked_for_only_where_libegl_exists():
 
 
 def test_policy_loss_sends_no_gradient_into_the_critic():
-    agent = ppo.Agent(4, 2)
+    agent = ppo.Agent(spaces(box(4), box(2)))
     obs, act = torch.randn(16, 4), torch.randn(16, 2)
-    newlogp, entropy, newvalue = agent.evaluate(obs, act)
+    _, newlogp, entropy, newvalue = agent.get_action_and_value(obs, act)
     z = torch.zeros(16)
     loss, _ = ppo.ppo_loss(newlogp, newlogp.detach() - 0.05, torch.randn(16), newvalue, z, z, entropy,
                            clip_coef=0.2, vf_coef=0.0, ent_coef=0.01)
@@ -202,6 +205,11 @@ def test_policy_loss_sends_no_gradient_into_the_critic():
     assert all(p.grad is None or not p.grad.any() for p in agent.critic.parameters())
     assert any(p.grad is not None and p.grad.any() for p in agent.actor_mean.parameters())
     assert agent.actor_logstd.grad is not None and agent.actor_logstd.grad.any()
+
+
+def cheetah(**options):
+    """One HalfCheetah env with the script's wrappers, built from these options."""
+    return ppo.make_envs(ppo.Args(env_id="HalfCheetah-v5", **options), 1)
 
 
 def random_steps(envs, n=200, seed=0):
@@ -217,21 +225,21 @@ def random_steps(envs, n=200, seed=0):
 
 
 def test_observations_are_clipped_to_clip_obs():
-    obs, _ = random_steps(ppo.make_envs("HalfCheetah-v5", 1, None, 0.99, 0.1, 10.0))
+    obs, _ = random_steps(cheetah(clip_obs=0.1))
     assert np.abs(obs).max() <= np.float32(0.1)
     assert (np.abs(obs) == np.float32(0.1)).mean() > 0.2  # normalized observations often reach past 0.1
 
 
 def test_scaled_rewards_are_clipped_to_clip_reward():
-    _, rewards = random_steps(ppo.make_envs("HalfCheetah-v5", 1, None, 0.99, 10.0, 0.1))
-    _, unclipped = random_steps(ppo.make_envs("HalfCheetah-v5", 1, None, 0.99, 10.0, 1e9))
+    _, rewards = random_steps(cheetah(clip_reward=0.1))
+    _, unclipped = random_steps(cheetah(clip_reward=1e9))
     assert np.abs(unclipped).max() > 0.1 and np.abs(rewards).max() <= 0.1
     np.testing.assert_array_equal(rewards, np.clip(unclipped, -0.1, 0.1))
 
 
 def test_rewards_are_divided_by_the_running_std_of_the_discounted_return():
     gamma = 0.9
-    _, scaled = random_steps(ppo.make_envs("HalfCheetah-v5", 1, None, gamma, 10.0, 1e9))
+    _, scaled = random_steps(cheetah(gamma=gamma, clip_reward=1e9))
     # The same actions in a bare env (HalfCheetah episodes last 1000 steps: no reset in 200).
     raw_env, rng = gym.make("HalfCheetah-v5"), np.random.default_rng(0)
     raw_env.reset(seed=0)

@@ -211,11 +211,11 @@ def test_policy_shift_diagnostics(ppo):
 def test_cross_rank_helpers_reduce_to_the_plain_formulas_in_one_process(ppo):
     torch.manual_seed(0)
     x = torch.randn(64) * 7 + 3
-    torch.testing.assert_close(ppo.normalize_across_ranks(x, 1), (x - x.mean()) / (x.std() + 1e-8))
-    assert torch.equal(ppo.all_sum(x, 1), x)
+    torch.testing.assert_close(ppo.normalize(x), (x - x.mean()) / (x.std() + 1e-8))
+    assert torch.equal(ppo.all_sum(x), x)
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.tensor([1.0, 2.0, 3.0])
-    ppo.average_gradients([p], 1)
+    ppo.average_gradients([p])
     assert p.grad.tolist() == [1.0, 2.0, 3.0]
 
 
@@ -223,23 +223,43 @@ def test_explained_variance(ppo):
     torch.manual_seed(0)
     y = torch.randn(500) * 4 + 10
     pred = y + torch.randn(500)
-    ev, vary = ppo.explained_variance(pred, y, 1)
+    ev, vary = ppo.explained_variance(pred, y)
     assert ev == pytest.approx((1 - (y - pred).var() / y.var()).item(), rel=1e-5) and vary
-    assert ppo.explained_variance(y, y, 1)[0] == pytest.approx(1.0)
-    assert ppo.explained_variance(torch.full((500,), y.mean()), y, 1)[0] == pytest.approx(0.0, abs=1e-6)
+    assert ppo.explained_variance(y, y)[0] == pytest.approx(1.0)
+    assert ppo.explained_variance(torch.full((500,), y.mean()), y)[0] == pytest.approx(0.0, abs=1e-6)
     # Returns that barely vary (every episode cut by the time limit at the same value): EV means nothing.
-    assert ppo.explained_variance(pred, torch.full((500,), 10.0), 1)[1] is False
+    assert ppo.explained_variance(pred, torch.full((500,), 10.0))[1] is False
 
 
 # ------------------------------------------------------------------------------- agreement
-@pytest.mark.parametrize("name", ["compute_gae", "ppo_loss", "policy_shift", "layer_init", "save_atomic", "write_results",
-                                  "init_distributed", "all_sum", "average_gradients", "normalize_across_ranks",
-                                  "explained_variance"])
+@pytest.mark.parametrize("name", ["layer_init", "compute_gae", "ppo_loss", "normalize", "policy_shift"])
 def test_core_is_the_same_in_every_script(name):
     sources = {s: inspect.getsource(getattr(importlib.import_module(s), name)) for s in SCRIPTS}
     first = sources[SCRIPTS[0]]
     for script, src in sources.items():
         assert src == first, f"{name} in {script}.py differs from {SCRIPTS[0]}.py: keep the copies identical"
+
+
+BANNER = "# Part B: running the experiment\n"
+
+
+def below_the_banner(script: str) -> tuple[int, list[str]]:
+    """The line number of the banner in a script, and the script's lines from there to the end."""
+    with open(os.path.join(ROOT, script + ".py")) as f:
+        text = f.read()
+    assert text.count(BANNER) == 1, f"{script}.py must hold the Part B banner exactly once"
+    start = text[: text.index(BANNER)].count("\n") + 1
+    return start, text[text.index(BANNER):].splitlines()
+
+
+def test_part_b_is_the_same_text_in_every_script():
+    first_start, first = below_the_banner(SCRIPTS[0])
+    for script in SCRIPTS[1:]:
+        start, lines = below_the_banner(script)
+        for i, (mine, theirs) in enumerate(zip(lines, first)):
+            assert mine == theirs, (f"below the banner, {script}.py line {start + i} differs from {SCRIPTS[0]}.py line "
+                                    f"{first_start + i}:\n  {mine!r}\n  {theirs!r}")
+        assert len(lines) == len(first), f"{script}.py has {len(lines)} lines below the banner, {SCRIPTS[0]}.py {len(first)}"
 
 
 def test_core_gives_the_same_numbers_in_every_script():
@@ -274,7 +294,7 @@ def logged(run_dir: str, tag: str) -> list[float]:
 
 
 def test_envs_step_as_one_batch_and_each_update_learns_from_all_of_them(ppo, monkeypatch):
-    envs = ppo.make_envs(TINY_ENV[ppo.SCRIPT], 3)
+    envs = ppo.make_envs(ppo.Args(env_id=TINY_ENV[ppo.SCRIPT]), 3)
     obs, _ = envs.reset(seed=0)
     envs.action_space.seed(0)
     obs, reward, terminated, truncated, _ = envs.step(envs.action_space.sample())  # one call, 3 actions

@@ -13,7 +13,8 @@ import torch
 import tyro
 
 import ppo_discrete as ppo
-from helpers import ROOT, assert_bad_input, register_test_envs, run_script, same_params
+from gymnasium.spaces import Discrete
+from helpers import ROOT, assert_bad_input, box, register_test_envs, run_script, same_params, spaces
 
 register_test_envs()
 SCRIPT = "ppo_discrete.py"
@@ -27,7 +28,7 @@ def tiny(**kw) -> ppo.Args:
 # ------------------------------------------------------------------------------------ the agent
 def test_sampling_and_log_probs_match_categorical():
     torch.manual_seed(0)
-    agent = ppo.Agent(3, 4)
+    agent = ppo.Agent(spaces(box(3), Discrete(4)))
     obs = torch.randn(1, 3).expand(20000, 3)
     with torch.no_grad():
         actions = agent.act(obs)
@@ -35,17 +36,17 @@ def test_sampling_and_log_probs_match_categorical():
         dist = torch.distributions.Categorical(logits=logits)
         freq = torch.bincount(actions, minlength=4).float() / len(actions)
         np.testing.assert_allclose(freq.numpy(), dist.probs[0].numpy(), atol=0.015)
-        logp, entropy, value = agent.evaluate(obs[:4], torch.arange(4))
+        _, logp, entropy, value = agent.get_action_and_value(obs[:4], torch.arange(4))
         np.testing.assert_allclose(logp.numpy(), dist.log_prob(torch.arange(4)).numpy(), rtol=1e-5)
         np.testing.assert_allclose(entropy.numpy(), dist.entropy().expand(4).numpy(), rtol=1e-5)
         assert value.shape == (4,)
-        assert torch.equal(agent.act(obs[:2], greedy=True), logits.argmax(-1).expand(2))
+        assert torch.equal(agent.act(obs[:2], deterministic=True), logits.argmax(-1).expand(2))
 
 
 def test_policy_loss_sends_no_gradient_into_the_critic():
-    agent = ppo.Agent(4, 2)
+    agent = ppo.Agent(spaces(box(4), Discrete(2)))
     obs, act = torch.randn(16, 4), torch.randint(0, 2, (16,))
-    newlogp, entropy, newvalue = agent.evaluate(obs, act)
+    _, newlogp, entropy, newvalue = agent.get_action_and_value(obs, act)
     z = torch.zeros(16)
     loss, _ = ppo.ppo_loss(newlogp, newlogp.detach() - 0.05, torch.randn(16), newvalue, z, z, entropy,
                            clip_coef=0.2, vf_coef=0.0, ent_coef=0.01)
@@ -55,7 +56,7 @@ def test_policy_loss_sends_no_gradient_into_the_critic():
 
 
 def test_initialization():
-    agent = ppo.Agent(4, 2)
+    agent = ppo.Agent(spaces(box(4), Discrete(2)))
     w = agent.actor[-1].weight
     # Orthogonal rows scaled by the gain: 0.01 for the policy head, 1 for the value head.
     np.testing.assert_allclose((w @ w.T).detach().numpy(), 0.01**2 * np.eye(2), atol=1e-7)
@@ -106,7 +107,7 @@ def test_command_line_train_save_and_evaluate(in_tmp_dir):
     assert path.exists()
     out = run_script(SCRIPT, "--eval-checkpoint", str(path), "--eval-episodes", "3")
     assert out.returncode == 0, out.stderr
-    assert "3 episodes: return" in out.stdout and "+-" in out.stdout
+    assert "3 episodes (" in out.stdout and "): return" in out.stdout and "+-" in out.stdout
 
 
 def test_help_lists_every_option_with_its_explanation():

@@ -39,12 +39,12 @@ def check_reductions(rank: int, init_file: str) -> None:
     pred = y + pred
     # Per-minibatch advantage normalization over the union of the ranks' minibatches.
     joined = (adv.flatten() - adv.mean()) / (adv.std() + 1e-8)
-    torch.testing.assert_close(ppo_discrete.normalize_across_ranks(adv[rank], 2), joined.view(2, 40)[rank])
-    ev, _ = ppo_discrete.explained_variance(pred[rank], y[rank], 2)
+    torch.testing.assert_close(ppo_discrete.normalize(adv[rank]), joined.view(2, 40)[rank])
+    ev, _ = ppo_discrete.explained_variance(pred[rank], y[rank])
     assert ev == pytest.approx((1 - (y - pred).var() / y.var()).item(), rel=1e-5)
     p = torch.nn.Parameter(torch.zeros(2, 3))
     p.grad = torch.full((2, 3), float(rank))
-    ppo_discrete.average_gradients([p], 2)
+    ppo_discrete.average_gradients([p])
     assert torch.equal(p.grad, torch.full((2, 3), 0.5))
     dist.destroy_process_group()
 
@@ -137,7 +137,7 @@ def test_continuous_ranks_share_parameters_and_normalization(in_tmp_dir):
         torch.testing.assert_close(r0["obs_rms"][k], r1["obs_rms"][k], rtol=0, atol=0)
     assert r0["obs_rms"]["count"] == pytest.approx(2048 + 2, abs=1)
     saved = torch.load(in_tmp_dir / "runs" / "c" / "agent.pt", weights_only=False)
-    torch.testing.assert_close(saved["obs_rms"]["mean"], r0["obs_rms"]["mean"], rtol=0, atol=0)
+    torch.testing.assert_close(saved["env_stats"]["obs_rms"]["mean"], r0["obs_rms"]["mean"], rtol=0, atol=0)
 
 
 def test_atari_ranks_share_parameters(in_tmp_dir):
