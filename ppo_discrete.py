@@ -311,10 +311,9 @@ def ppo_loss(newlogp: torch.Tensor, oldlogp: torch.Tensor, advantages: torch.Ten
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Zero mean and unit std over the whole minibatch: in a plain run this process's, under torchrun the
-    union of every rank's part of it, whose mean and std come from sums over the ranks (all_sum)."""
-    if not distributed():
-        return (x - x.mean()) / (x.std() + 1e-8)
+    """Zero mean and unit std over the whole minibatch (detail 7), one formula for any number of processes:
+    under torchrun the minibatch is the union of every rank's part, and its mean and std come from the
+    count, sum and sum of squares added up over the ranks (all_sum); a plain run is the one-rank case."""
     sums = all_sum(torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double())
     n, mean = sums[0], sums[1] / sums[0]
     std = ((sums[2] - n * mean**2) / (n - 1)).clamp_min(0).sqrt()  # unbiased, as torch.std
