@@ -904,7 +904,10 @@ class Logger:
         self.flush()
         self.writer.close()
         if self.wandb is not None:
+            import wandb
+
             self.wandb.finish()
+            wandb.tensorboard.unpatch()  # the next run in this process patches its own folder
 
 
 class Progress:

@@ -25,7 +25,8 @@ class Suite:
 
 
 SUITES = {
-    "classic": Suite("ppo_discrete", ("CartPole-v1", "Acrobot-v1", "MountainCar-v0"), 500_000, checkpoint_every=50),
+    "classic": Suite("ppo_discrete", ("CartPole-v1", "Acrobot-v1", "MountainCar-v0", "LunarLander-v3"), 500_000,
+                     checkpoint_every=50),
     "mujoco": Suite("ppo_continuous", ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "InvertedPendulum-v5"), 1_000_000,
                     checkpoint_every=10),
     "atari": Suite("ppo_atari", ("BreakoutNoFrameskip-v4", "PongNoFrameskip-v4", "BeamRiderNoFrameskip-v4"), 10_000_000,

@@ -160,6 +160,8 @@ def write_markdown(rows: list[dict], left_out: list[str], references: dict[str, 
         if sources:
             lines += ["", "References: mean ± std over 3 seeds of the final returns published for "
                       + "; ".join(f"[{s}]({u})" for s, u in sources) + ". The reference env is in brackets."]
+            lines += [f"- {r['env_id']}: {references[r['env_id']]['note']}" for r in rows
+                      if references.get(r["env_id"], {}).get("note")]
         lines += ["", "![return against env steps](curves_steps.png)", "", "![return against wall time](curves_time.png)"]
     else:
         lines.append("No finished runs yet.")

@@ -62,6 +62,30 @@ def box(*shape: int) -> gym.spaces.Box:
     return gym.spaces.Box(-np.inf, np.inf, shape, np.float32)
 
 
+# The smallest run of each env family: a few seconds each.
+TINY = {
+    "ppo_discrete": dict(env_id="CartPole-v1", total_timesteps=512, num_envs=2, num_steps=64, num_minibatches=2),
+    "ppo_continuous": dict(env_id="InvertedPendulum-v5", total_timesteps=512, num_envs=1, num_steps=128,
+                           num_minibatches=2),
+    "ppo_atari": dict(env_id="BreakoutNoFrameskip-v4", total_timesteps=128, num_envs=2, num_steps=32,
+                      num_minibatches=2, cuda=False),
+}
+
+
+def tiny_args(ppo, **kw):
+    """Args of the smallest run of the script's env family, one epoch per update, no progress display."""
+    return ppo.Args(**{**TINY[ppo.SCRIPT], "update_epochs": 1, "progress": False, "run_name": "tiny", **kw})
+
+
+def tiny_argv(ppo, **kw) -> list[str]:
+    """The same run as command-line options."""
+    argv = []
+    for name, value in {**TINY[ppo.SCRIPT], "update_epochs": 1, "run_name": "tiny", **kw}.items():
+        flag = "--" + name.replace("_", "-")
+        argv += [flag if value else flag.replace("--", "--no-", 1)] if isinstance(value, bool) else [flag, str(value)]
+    return argv + ["--no-progress"]
+
+
 def run_script(script: str, *args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
     """Run `python <script> args...` in the current folder, as a user would."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,

@@ -9,18 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import register_test_envs
+from helpers import TINY, register_test_envs, tiny_args
 
 register_test_envs()
-
-# A few seconds per script: the smallest run of each env family.
-TINY = {
-    "ppo_discrete": dict(env_id="CartPole-v1", total_timesteps=512, num_envs=2, num_steps=64, num_minibatches=2),
-    "ppo_continuous": dict(env_id="InvertedPendulum-v5", total_timesteps=512, num_envs=1, num_steps=128,
-                           num_minibatches=2),
-    "ppo_atari": dict(env_id="BreakoutNoFrameskip-v4", total_timesteps=128, num_envs=2, num_steps=32,
-                      num_minibatches=2, cuda=False),
-}
 
 
 @pytest.fixture(params=list(TINY))
@@ -28,8 +19,7 @@ def ppo(request):
     return importlib.import_module(request.param)
 
 
-def tiny(ppo, **kw):
-    return ppo.Args(**{**TINY[ppo.__name__], "update_epochs": 1, "progress": False, "run_name": "tiny", **kw})
+tiny = tiny_args
 
 
 @pytest.mark.parametrize("form", ["--resume PATH", "--resume=PATH"])
