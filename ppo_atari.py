@@ -233,6 +233,10 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
     return layer
 
 
+# Frames stay uint8 (1 byte per pixel) in the rollout buffer and in evaluation; the network scales them.
+OBS_DTYPE = torch.uint8
+
+
 class Agent(nn.Module):
     """The Nature DQN CNN (Mnih et al. 2015), shared by the actor and critic heads.
 
@@ -411,8 +415,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         # Rollout storage. obs and valid have T + 1 rows: the last is where the next rollout starts, and the
         # observation after the last step is also what the rollout's last value bootstraps from.
         T, N = args.num_steps, args.num_envs
-        # Frames stay uint8 (1 byte per pixel) in the buffer; the network scales them when it reads them.
-        obs = torch.zeros((T + 1, N, *envs.single_observation_space.shape), dtype=torch.uint8, device=device)
+        obs = torch.zeros((T + 1, N, *envs.single_observation_space.shape), dtype=OBS_DTYPE, device=device)
         actions = torch.zeros((T, N), dtype=torch.long, device=device)
         logprobs = torch.zeros((T, N), device=device)
         values = torch.zeros((T + 1, N), device=device)
@@ -1216,9 +1219,7 @@ def evaluate(path: str, episodes: int, seed: Optional[int] = None, deterministic
     next_obs, _ = envs.reset(seed=seed)
     with torch.inference_mode():
         while len(returns) < episodes:
-            obs = torch.as_tensor(next_obs)
-            # As in the rollout buffer: vector observations as float32, Atari frames as they are (uint8).
-            action = agent.act(obs.float() if obs.is_floating_point() else obs, deterministic=deterministic)
+            action = agent.act(torch.as_tensor(next_obs, dtype=OBS_DTYPE), deterministic=deterministic)
             next_obs, _, _, _, info = envs.step(action.numpy())
             if "_episode" in info:
                 returns.extend(info["episode"]["r"][info["_episode"]].tolist())

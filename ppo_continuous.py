@@ -217,6 +217,10 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
     return layer
 
 
+# The network reads observations as float32 vectors: so the rollout buffer and evaluation hold them.
+OBS_DTYPE = torch.float32
+
+
 class Agent(nn.Module):
     """Separate actor and critic MLPs (64-64 tanh) and a diagonal Gaussian policy whose log-std is a
     learned vector that does not depend on the state (detail 2 for continuous control).
@@ -382,7 +386,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         # Rollout storage. obs and valid have T + 1 rows: the last is where the next rollout starts, and the
         # observation after the last step is also what the rollout's last value bootstraps from.
         T, N = args.num_steps, args.num_envs
-        obs = torch.zeros((T + 1, N, *envs.single_observation_space.shape), device=device)
+        obs = torch.zeros((T + 1, N, *envs.single_observation_space.shape), dtype=OBS_DTYPE, device=device)
         actions = torch.zeros((T, N, *envs.single_action_space.shape), device=device)
         # Env outputs stay in numpy during the rollout; they become tensors once per rollout, not once per step.
         rewards = np.zeros((T, N), dtype=np.float32)
@@ -1268,9 +1272,7 @@ def evaluate(path: str, episodes: int, seed: Optional[int] = None, deterministic
     next_obs, _ = envs.reset(seed=seed)
     with torch.inference_mode():
         while len(returns) < episodes:
-            obs = torch.as_tensor(next_obs)
-            # As in the rollout buffer: vector observations as float32, Atari frames as they are (uint8).
-            action = agent.act(obs.float() if obs.is_floating_point() else obs, deterministic=deterministic)
+            action = agent.act(torch.as_tensor(next_obs, dtype=OBS_DTYPE), deterministic=deterministic)
             next_obs, _, _, _, info = envs.step(action.numpy())
             if "_episode" in info:
                 returns.extend(info["episode"]["r"][info["_episode"]].tolist())

@@ -85,7 +85,10 @@ class Args:
 
     # --- algorithm ---
     env_id: str = "CartPole-v1"
-    """gymnasium id of an env with Discrete actions and vector observations (module:Env-v0 imports module first)"""
+    """gymnasium id of an env with discrete actions (Discrete, MultiDiscrete, MultiBinary) and observations that
+    flatten to a vector (module:Env-v0 imports module first)"""
+    action_masks: bool = True
+    """give invalid actions zero probability when the env reports which are valid (info or observation "action_mask")"""
     total_timesteps: int = 500_000
     """environment steps to train for, summed over all envs (and all ranks under torchrun)"""
     learning_rate: float = 2.5e-4
@@ -154,13 +157,28 @@ def make_env(env_id: str, idx: int, video_dir: Optional[str] = None) -> Callable
             env = gym.wrappers.RecordVideo(env, video_dir, disable_logger=True)
         else:
             env = gym.make(env_id)
+        obs = env.observation_space
+        if isinstance(obs, gym.spaces.Dict) and "action_mask" in obs.spaces:
+            env = MaskFromObservation(env)  # a Dict observation's "action_mask" goes to info, as Taxi gives it
+        if needs_flattening(env.observation_space):
+            # Discrete, Tuple, Dict, MultiDiscrete or multi-dimensional Box observations become one vector
+            # (Discrete ones one-hot); images stay as they are, for check_spaces to send to ppo_atari.py.
+            env = gym.wrappers.FlattenObservation(env)
         return env
 
     return thunk
 
 
+def needs_flattening(space: gym.Space) -> bool:
+    if isinstance(space, gym.spaces.Box):
+        image = len(space.shape) == 3 or (len(space.shape) == 2 and space.dtype == np.uint8)
+        return len(space.shape) != 1 and not image
+    return space.is_np_flattenable
+
+
 def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym.vector.VectorEnv:
-    """num_envs envs stepped as one batch (detail 1), with episode statistics.
+    """num_envs envs stepped as one batch (detail 1), with episode statistics, and the env's action masks
+    appended to the observations when it gives any.
 
     Every gymnasium 1.x vector env autoresets on the NEXT step: the step after an episode ends returns
     the first observation of the next episode with reward 0 and ignores the action. The training loop
@@ -168,14 +186,17 @@ def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym
     when an episode ends is then the true final observation, which is what truncation needs.
     """
     recipes = [make_env(args.env_id, i, video_dir) for i in range(num_envs)]
+    probe = make_env(args.env_id, 0)()
+    masked = args.action_masks and "action_mask" in probe.reset(seed=0)[1]
     # CartPole also comes as a numpy-native vector env that steps all copies at once, several times faster
     # than N envs one by one. It bypasses make_env, so it is used only while make_env adds nothing to gym.make.
     if video_dir is None and gym.spec(args.env_id.split(":")[-1]).vector_entry_point is not None \
-            and same_wrappers(recipes[0](), gym.make(args.env_id)):
+            and same_wrappers(probe, gym.make(args.env_id)):
         envs = gym.make_vec(args.env_id, num_envs=num_envs, vectorization_mode="vector_entry_point")
     else:
         envs = gym.vector.SyncVectorEnv(recipes)
-    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
+    return ActionMasks(envs, args.env_id) if masked else envs
 
 
 def same_wrappers(env: gym.Env, other: gym.Env) -> bool:
@@ -188,6 +209,73 @@ def same_wrappers(env: gym.Env, other: gym.Env) -> bool:
     return kinds[0] == kinds[1]
 
 
+class MaskFromObservation(gym.ObservationWrapper):
+    """Moves the "action_mask" entry of a Dict observation (the multi-agent libraries' convention) to
+    info["action_mask"] (gymnasium's), and leaves the rest of the observation."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.observation_space = gym.spaces.Dict({k: v for k, v in env.observation_space.spaces.items()
+                                                  if k != "action_mask"})
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        return self.observation(obs), {**info, "action_mask": obs["action_mask"]}
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return self.observation(obs), reward, terminated, truncated, {**info, "action_mask": obs["action_mask"]}
+
+    def observation(self, obs: dict) -> dict:
+        return {k: v for k, v in obs.items() if k != "action_mask"}
+
+
+class ActionMasks(gym.vector.VectorWrapper):
+    """Appends each env's action mask (info["action_mask"]: 1 for an allowed action, for each action
+    of each action dimension) to its observation as 0/1 floats.
+
+    So the mask of every step is stored in the rollout next to its observation, and checkpoints,
+    resume, torchrun and evaluation carry it along with no code of their own; the Agent splits it off.
+    """
+
+    def __init__(self, envs: gym.vector.VectorEnv, env_id: str):
+        super().__init__(envs)
+        self.env_id, self.nvec = env_id, choices(envs.single_action_space)
+        self.mask_size = int(sum(self.nvec))
+        size = envs.single_observation_space.shape[0] + self.mask_size
+        self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, envs.num_envs)
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        return self.append(obs, info), info
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        return self.append(obs, info), reward, terminated, truncated, info
+
+    def append(self, obs: np.ndarray, info: dict) -> np.ndarray:
+        mask = np.asarray(info.get("action_mask", np.zeros((len(obs), 0)))).reshape(len(obs), -1)
+        if mask.shape[1] != self.mask_size:
+            raise UsageError(f"--env-id {self.env_id} gave an action mask of {mask.shape[1]} entries, not one per action "
+                             f"({self.mask_size}); or pass --no-action-masks")
+        allowed = np.add.reduceat(mask > 0, np.cumsum([0, *self.nvec[:-1]]), axis=1)
+        if not allowed.all():
+            env, dim = np.argwhere(allowed == 0)[0]
+            raise UsageError(f"--env-id {self.env_id} gave an action mask that allows no action (env {env}, action "
+                             f"dimension {dim}); an env must leave at least one action open")
+        return np.concatenate([obs, mask > 0], axis=1, dtype=np.float32)
+
+
+def choices(space: gym.Space) -> list[int]:
+    """The number of options of each action dimension: one for Discrete, one per dimension otherwise."""
+    if isinstance(space, gym.spaces.Discrete):
+        return [int(space.n)]
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return [int(n) for n in space.nvec.ravel()]
+    return [2] * int(np.prod(space.shape))  # MultiBinary
+
+
 # ----------------------------------------------------------------------------------------------------
 # Network
 # ----------------------------------------------------------------------------------------------------
@@ -198,20 +286,32 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
     return layer
 
 
+# The network reads observations as float32 vectors: so the rollout buffer and evaluation hold them.
+OBS_DTYPE = torch.float32
+
+
 class Agent(nn.Module):
     """Separate actor and critic MLPs (64-64 tanh): the policy loss cannot disturb the critic.
+
+    A Discrete action is one categorical distribution; MultiDiscrete and MultiBinary actions are one per
+    dimension, independent, so their log-probs and entropies add up. When the env gives action masks
+    (ActionMasks appends them to the observation), invalid actions get zero probability: in sampling, in
+    the stored log-probs, and in the update's ratio and entropy.
 
     What train() and evaluate() call, the same in all three scripts (keep it when you swap the network):
         act(obs, deterministic=False) -> action     a sample of the policy, or its most likely action
         get_value(obs) -> value                     the critic's V(obs)
         get_action_and_value(obs, action=None) -> (action, log-prob, entropy, value)
             under the current parameters, for the given actions (or for sampled ones when action is None)
-    obs is a batch (B, *observation shape); the action, log-prob, entropy and value of each are (B,).
+    obs is a batch (B, *observation shape); actions are (B,) for Discrete, (B, dims) otherwise; the rest (B,).
     """
 
     def __init__(self, envs: gym.vector.VectorEnv):
         super().__init__()
-        obs_dim, n_actions = envs.single_observation_space.shape[0], int(envs.single_action_space.n)
+        self.nvec = choices(envs.single_action_space)
+        self.multi = not isinstance(envs.single_action_space, gym.spaces.Discrete)
+        self.mask_size = getattr(envs, "mask_size", 0)  # the action mask's entries at the end of the observation
+        obs_dim = envs.single_observation_space.shape[0] - self.mask_size
         self.critic = nn.Sequential(
             layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
             layer_init(nn.Linear(64, 64)), nn.Tanh(),
@@ -221,25 +321,43 @@ class Agent(nn.Module):
         self.actor = nn.Sequential(
             layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
             layer_init(nn.Linear(64, 64)), nn.Tanh(),
-            layer_init(nn.Linear(64, n_actions), std=0.01),
+            layer_init(nn.Linear(64, sum(self.nvec)), std=0.01),
         )
 
+    def logits(self, obs: torch.Tensor) -> torch.Tensor:
+        """(B, n) for a Discrete action; (B, dims, most options) otherwise, padded with impossible options."""
+        if not self.mask_size:
+            logits = self.actor(obs)
+        else:
+            obs, mask = obs[..., :-self.mask_size], obs[..., -self.mask_size:] > 0.5
+            # A large finite negative logit rather than -inf: an invalid action's probability is exactly 0,
+            # while the log-probs, the entropy (0 * log 0 would be NaN) and the ratio stay finite.
+            logits = torch.where(mask, self.actor(obs), -1e8)
+        if not self.multi:
+            return logits
+        if len(set(self.nvec)) == 1:
+            return logits.unflatten(-1, (len(self.nvec), self.nvec[0]))
+        return torch.stack([F.pad(x, (0, max(self.nvec) - n), value=-1e8)
+                            for x, n in zip(logits.split(self.nvec, -1), self.nvec)], -2)
+
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.critic(obs).squeeze(-1)
+        return self.critic(obs[..., :-self.mask_size] if self.mask_size else obs).squeeze(-1)
 
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         """The rollout's only forward pass. Its log-probs and values are computed afterwards in one batched
         call (the parameters do not change during a rollout)."""
-        logits = self.actor(obs)
+        logits = self.logits(obs)
         return logits.argmax(-1) if deterministic else sample(logits)
 
     def get_action_and_value(self, obs: torch.Tensor, action: Optional[torch.Tensor] = None):
-        logits = self.actor(obs)
+        logits = self.logits(obs)
         if action is None:
             action = sample(logits)
         logp_all = F.log_softmax(logits, -1)
         logp = logp_all.gather(-1, action.unsqueeze(-1)).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1)
+        if self.multi:  # independent dimensions: log-probs and entropies add up
+            logp, entropy = logp.sum(-1), entropy.sum(-1)
         return action, logp, entropy, self.get_value(obs)
 
 
@@ -365,8 +483,8 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         # Rollout storage. obs and valid have T + 1 rows: the last is where the next rollout starts, and the
         # observation after the last step is also what the rollout's last value bootstraps from.
         T, N = args.num_steps, args.num_envs
-        obs = torch.zeros((T + 1, N, *envs.single_observation_space.shape), device=device)
-        actions = torch.zeros((T, N), dtype=torch.long, device=device)
+        obs = torch.zeros((T + 1, N, *envs.single_observation_space.shape), dtype=OBS_DTYPE, device=device)
+        actions = torch.zeros((T, N, *envs.single_action_space.shape), dtype=torch.long, device=device)
         # Env outputs stay in numpy during the rollout; they become tensors once per rollout, not once per step.
         rewards = np.zeros((T, N), dtype=np.float32)
         terminations = np.zeros((T, N), dtype=np.float32)
@@ -442,15 +560,16 @@ def check_spaces(env_id: str, envs: gym.vector.VectorEnv) -> None:
     act, obs = envs.single_action_space, envs.single_observation_space
     if isinstance(act, gym.spaces.Box):
         raise UsageError(f"--env-id {env_id} has continuous actions ({act}); train it with ppo_continuous.py")
-    if not isinstance(act, gym.spaces.Discrete):
-        raise UsageError(f"--env-id {env_id} has a {type(act).__name__} action space; this script needs Discrete "
-                         "actions")
-    if not isinstance(obs, gym.spaces.Box):
-        raise UsageError(f"--env-id {env_id} has a {type(obs).__name__} observation space; this script needs a vector "
-                         "(Box) observation (wrap the env with gymnasium.wrappers.FlattenObservation in make_env)")
-    if len(obs.shape) != 1:
+    if not isinstance(act, (gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)) or \
+            len(act.shape) > 1:
+        raise UsageError(f"--env-id {env_id} has a {type(act).__name__} action space of shape {act.shape}; this "
+                         "script needs Discrete actions, or one-dimensional MultiDiscrete or MultiBinary ones")
+    if isinstance(obs, gym.spaces.Box) and len(obs.shape) > 1:
         raise UsageError(f"--env-id {env_id} has image-like observations of shape {obs.shape}; "
                          "train it with ppo_atari.py")
+    if not isinstance(obs, gym.spaces.Box):
+        raise UsageError(f"--env-id {env_id} has {type(obs).__name__} observations, which do not flatten to a "
+                         "vector; turn them into one with a wrapper in make_env")
 
 
 def env_state(envs: gym.vector.VectorEnv) -> dict:
@@ -1153,9 +1272,7 @@ def evaluate(path: str, episodes: int, seed: Optional[int] = None, deterministic
     next_obs, _ = envs.reset(seed=seed)
     with torch.inference_mode():
         while len(returns) < episodes:
-            obs = torch.as_tensor(next_obs)
-            # As in the rollout buffer: vector observations as float32, Atari frames as they are (uint8).
-            action = agent.act(obs.float() if obs.is_floating_point() else obs, deterministic=deterministic)
+            action = agent.act(torch.as_tensor(next_obs, dtype=OBS_DTYPE), deterministic=deterministic)
             next_obs, _, _, _, info = envs.step(action.numpy())
             if "_episode" in info:
                 returns.extend(info["episode"]["r"][info["_episode"]].tolist())

@@ -53,9 +53,10 @@ def register_test_envs() -> None:
                  kwargs={"continuous": True, "length": 20, "nan_after": 3000})
 
 
-def spaces(obs_space: gym.Space, action_space: gym.Space) -> SimpleNamespace:
-    """What Agent(envs) reads of a vector env: the spaces of one of its envs."""
-    return SimpleNamespace(single_observation_space=obs_space, single_action_space=action_space)
+def spaces(obs_space: gym.Space, action_space: gym.Space, mask_size: int = 0) -> SimpleNamespace:
+    """What Agent(envs) reads of a vector env: the spaces of one of its envs (and, in ppo_discrete.py, the
+    size of the action mask appended to the observations)."""
+    return SimpleNamespace(single_observation_space=obs_space, single_action_space=action_space, mask_size=mask_size)
 
 
 def box(*shape: int) -> gym.spaces.Box:

@@ -148,3 +148,14 @@ def test_atari_ranks_share_parameters(in_tmp_dir):
     r0, r1 = ranks(in_tmp_dir / "out")
     assert same_params(r0["model"], r1["model"])
     assert r0["global_step"] == 256
+
+
+def test_action_masks_travel_with_the_observations_across_ranks(in_tmp_dir):
+    # Taxi-v4 gives action masks: they ride in the observation, so two ranks train on them like on any other.
+    proc = torchrun("ppo_discrete", in_tmp_dir / "out", "--env-id", "Taxi-v4", "--total-timesteps", "1024",
+                    "--num-envs", "2", "--num-steps", "64", "--no-progress", "--run-name", "taxi", "--checkpoint-every", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = ranks(in_tmp_dir / "out")
+    assert same_params(r0["model"], r1["model"])
+    ckpt = torch.load(in_tmp_dir / "runs" / "taxi" / "checkpoint.pt", weights_only=False)
+    assert all(rank["next_obs"].shape == (2, 500 + 6) for rank in ckpt["ranks"])  # one-hot state, then the mask
