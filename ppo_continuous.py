@@ -261,8 +261,8 @@ class Agent(nn.Module):
     def get_action_and_value(self, obs: torch.Tensor, action: Optional[torch.Tensor] = None):
         mean = self.actor_mean(obs)
         logstd = self.actor_logstd.expand_as(mean)
-        if action is None:
-            action = mean + logstd.exp() * torch.randn_like(mean)
+        if action is None:  # a sample is a fixed point: its log-prob's gradient must not flow through it
+            action = (mean + logstd.exp() * torch.randn_like(mean)).detach()
         # Normal log-density written out (cheaper than a distribution object); the action dimensions
         # are independent, so log-probs and entropies add up over them.
         logp = (-0.5 * ((action - mean) / logstd.exp()) ** 2 - logstd - 0.5 * math.log(2 * math.pi)).sum(-1)

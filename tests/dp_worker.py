@@ -6,7 +6,8 @@ Trains through the script's own main() and writes what the rank ends with to OUT
 test can compare the ranks. Environment variables make one rank fail on purpose:
 FAIL_RANK=<r> with FAIL_MODE=env (a bad --env-id on that rank only) or FAIL_MODE=update (an exception
 in the middle of training, while the other ranks wait for its gradients). STOP_AT=<step> ends training
-early (with the learning-rate schedule of the full run), as train(stop_at_step=...) does.
+early (with the learning-rate schedule of the full run), as train(stop_at_step=...) does. GREEDY=1 takes
+the most likely action instead of sampling one.
 """
 
 import importlib
@@ -17,9 +18,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from helpers import register_test_envs  # noqa: E402
+
+register_test_envs()
 module_name, out, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 ppo = importlib.import_module(module_name)
 rank = int(os.environ["RANK"])
+if os.environ.get("GREEDY"):  # the most likely action instead of a sample: the same actions as one process takes
+    ppo.sample = lambda logits: logits.argmax(-1)
 
 if os.environ.get("FAIL_RANK") == str(rank):
     if os.environ["FAIL_MODE"] == "env":

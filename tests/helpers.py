@@ -40,9 +40,55 @@ class ConstantEnv(gym.Env):
         return np.zeros(self.observation_space.shape, np.float32), reward, terminated, False, {}
 
 
+class ClockEnv(gym.Env):
+    """Reward 1 per step, cut by a time limit; the observation is the time, [t / limit, 1 - t / limit], so
+    an episode's final observation differs from every other, the next episode's first included."""
+
+    def __init__(self, limit: int = 10, continuous: bool = False):
+        self.limit = limit
+        self.observation_space = gym.spaces.Box(0.0, 1.0, (2,), np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32) if continuous else gym.spaces.Discrete(2)
+
+    def obs(self):
+        return np.array([self.t / self.limit, 1 - self.t / self.limit], np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self.obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        return self.obs(), 1.0, False, False, {}
+
+
+class LevelEnv(gym.Env):
+    """Never ends; each env draws a level u in [0, 1) at reset, from its own seed. Observation [u, t / 100],
+    reward u whatever the action: envs seeded apart see different data."""
+
+    def __init__(self):
+        self.observation_space = gym.spaces.Box(0.0, np.inf, (2,), np.float32)
+        self.action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t, self.level = 0, float(self.np_random.random())
+        return np.array([self.level, 0.0], np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.array([self.level, self.t / 100], np.float32), self.level, False, False, {}
+
+
 def register_test_envs() -> None:
     if "TestTerminate-v0" in gym.registry:
         return
+    gym.register("TestLevels-v0", entry_point=LevelEnv)
+    gym.register("TestClock-v0", entry_point=ClockEnv, max_episode_steps=10)
+    gym.register("TestClockContinuous-v0", entry_point=ClockEnv, kwargs={"continuous": True}, max_episode_steps=10)
+    # Breakout cut by a time limit of 100 emulator frames (about 17 agent steps after the no-ops and FIRE).
+    gym.register("TestBreakoutCut-v0", entry_point="ale_py.env:AtariEnv", max_episode_steps=100,
+                 kwargs=dict(game="breakout", obs_type="rgb", frameskip=1, repeat_action_probability=0.0))
     gym.register("TestTerminate-v0", entry_point=ConstantEnv, kwargs={"length": 1, "terminate": True})
     gym.register("TestTruncate-v0", entry_point=ConstantEnv, kwargs={"length": 10, "terminate": False},
                  max_episode_steps=10)

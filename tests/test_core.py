@@ -4,15 +4,18 @@ The core (GAE, the clipped loss, the policy-shift diagnostics) is repeated in ea
 that each file stands alone; these tests run on every copy and check that the copies agree.
 """
 
+import collections
+import copy
 import importlib
 import inspect
 import math
 import os
 
+import gymnasium
 import numpy as np
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from helpers import ROOT
 
@@ -363,3 +366,251 @@ def test_a_save_that_fails_midway_leaves_the_previous_file_intact(ppo, monkeypat
         ppo.save_atomic({"version": 2, "weights": torch.zeros(100)}, "file.pt")
     data = torch.load("file.pt", weights_only=True)
     assert data["version"] == 1 and torch.equal(data["weights"], torch.ones(100))
+
+
+# ---------------------------------------------------------------------- the loss on batches of several samples
+def surrogate_by_hand(ratio, adv, clip=0.2):
+    """Per sample: the pessimistic clipped surrogate (as a loss) and its derivative in the log-prob."""
+    unclipped, clipped = -adv * ratio, -adv * min(max(ratio, 1 - clip), 1 + clip)
+    if unclipped >= clipped:
+        return unclipped, -adv * ratio  # d(-A r)/d log pi = -A r
+    return clipped, 0.0  # the clipped term wins: it does not depend on the policy
+
+
+def test_policy_loss_is_the_mean_of_the_clipped_surrogate_over_a_batch(ppo):
+    ratios = [1.5, 0.5, 0.5, 1.5, 1.1, 0.9, 1.25, 0.7]
+    advs = [1.0, 1.0, -2.0, -0.5, 3.0, -1.0, 2.0, -3.0]
+    newlogp = torch.tensor(np.log(ratios), dtype=torch.float64, requires_grad=True)
+    oldlogp = torch.tensor([0.3, -0.2, 0.1, 0.0, -1.0, 0.4, 0.2, -0.3], dtype=torch.float64)  # non-zero old log-probs
+    z = torch.zeros(8, dtype=torch.float64)
+    loss, stats = ppo.ppo_loss(newlogp + oldlogp, oldlogp, torch.tensor(advs, dtype=torch.float64), z, z, z, z,
+                               clip_coef=0.2, vf_coef=0.0, ent_coef=0.0, norm_adv=False)
+    loss.backward()
+    by_hand = [surrogate_by_hand(r, a) for r, a in zip(ratios, advs)]
+    assert loss.item() == pytest.approx(np.mean([l for l, _ in by_hand]), rel=1e-12)
+    np.testing.assert_allclose(newlogp.grad.numpy(), [g / len(ratios) for _, g in by_hand], rtol=1e-12, atol=1e-15)
+    assert stats["policy_loss"].item() == pytest.approx(loss.item(), rel=1e-12)
+
+
+def test_value_loss_is_clipped_around_each_old_value(ppo):
+    old = torch.tensor([5.0, -3.0, 2.0, 0.5, 10.0], dtype=torch.float64)
+    new = torch.tensor([5.5, -3.1, 1.0, 0.6, 9.0], dtype=torch.float64, requires_grad=True)
+    returns = torch.tensor([8.0, -3.0, 0.0, 0.0, 12.0], dtype=torch.float64)
+    z = torch.zeros(5, dtype=torch.float64)
+    loss, stats = ppo.ppo_loss(z, z, z, new, old, returns, z, clip_coef=0.2, vf_coef=1.0, ent_coef=0.0,
+                               norm_adv=False, clip_vloss=True)
+    loss.backward()
+    expected, grads = [], []
+    for n, o, g in zip(new.tolist(), old.tolist(), returns.tolist()):
+        kept = o + min(max(n - o, -0.2), 0.2)  # within 0.2 of this sample's own old value
+        plain, clipped = (n - g) ** 2, (kept - g) ** 2
+        expected.append(0.5 * max(plain, clipped))
+        grads.append((n - g) / 5 if plain >= clipped else 0.0)
+    assert stats["value_loss"].item() == pytest.approx(np.mean(expected), rel=1e-12)
+    np.testing.assert_allclose(new.grad.numpy(), grads, rtol=1e-12, atol=1e-15)
+
+
+# ---------------------------------------------------------------------- the update loop, end to end
+def test_the_learning_rate_decays_linearly_from_the_full_rate_to_zero(ppo):
+    ppo.train(tiny(ppo, total_timesteps=4 * 48, learning_rate=1e-3))
+    np.testing.assert_allclose(logged("runs/tiny", "charts/learning_rate"), [1e-3, 0.75e-3, 0.5e-3, 0.25e-3], rtol=1e-6)
+
+
+def updates_seen(ppo, monkeypatch, **kw) -> list[torch.Tensor]:
+    """Train a tiny run; return the observations of every minibatch the update learns from, in order."""
+    seen, original = [], ppo.Agent.get_action_and_value
+
+    def record(self, obs, action=None):
+        if torch.is_grad_enabled():  # the update's calls; the rollout's run without autograd
+            seen.append(obs.detach().clone())
+        return original(self, obs, action)
+
+    monkeypatch.setattr(ppo.Agent, "get_action_and_value", record)
+    ppo.train(tiny(ppo, **kw))
+    return seen
+
+
+def rows(obs: torch.Tensor) -> list[bytes]:
+    return [row.numpy().tobytes() for row in obs]
+
+
+def test_each_epoch_shuffles_the_batch_into_minibatches_that_cover_it(ppo, monkeypatch):
+    seen = updates_seen(ppo, monkeypatch, total_timesteps=48, update_epochs=3, num_minibatches=2)
+    assert len(seen) == 3 * 2
+    epochs = [seen[0:2], seen[2:4], seen[4:6]]
+    batch = sorted(rows(torch.cat(epochs[0])))
+    for epoch in epochs:
+        assert sorted(rows(torch.cat(epoch))) == batch  # every epoch learns from the whole batch, once
+        assert abs(len(epoch[0]) - len(epoch[1])) <= 1
+    # ... in another order each time: the first minibatches of the epochs are not the same samples.
+    assert len({tuple(rows(epoch[0])) for epoch in epochs}) == 3
+
+
+CUT_ENV = {"ppo_discrete": "TestClock-v0", "ppo_continuous": "TestClockContinuous-v0",
+           "ppo_atari": "TestBreakoutCut-v0"}
+
+
+@pytest.fixture(scope="module", params=SCRIPTS)
+def cut_run(request, tmp_path_factory):
+    """A short run on an env cut by a time limit, whose final and reset observations differ: what the vector
+    env returned at every step, what GAE got and gave, and what the update learned from."""
+    from helpers import register_test_envs
+
+    register_test_envs()
+    ppo = importlib.import_module(request.param)
+    returned, gae_calls, trained, agents = [], [], [], []
+    make_envs, compute_gae, get_action_and_value = ppo.make_envs, ppo.compute_gae, ppo.Agent.get_action_and_value
+    init = ppo.Agent.__init__
+
+    class Recorder(gymnasium.vector.VectorWrapper):
+        def reset(self, **kw):
+            obs, info = self.env.reset(**kw)
+            returned.append((obs.copy(), np.zeros(len(obs), bool), np.zeros(len(obs), bool)))
+            return obs, info
+
+        def step(self, actions):
+            obs, reward, terminated, truncated, info = self.env.step(actions)
+            returned.append((obs.copy(), terminated.copy(), truncated.copy()))
+            return obs, reward, terminated, truncated, info
+
+    def spy_gae(rewards, values, terminations, dones, gamma, gae_lambda):
+        advantages = compute_gae(rewards, values, terminations, dones, gamma, gae_lambda)
+        gae_calls.append((rewards.clone(), values.clone(), terminations.clone(), dones.clone(), advantages.clone(),
+                          copy.deepcopy(agents[-1]), gamma))
+        return advantages
+
+    def spy_update(self, obs, action=None):
+        if torch.is_grad_enabled():
+            trained.append(rows(obs.detach()))
+        return get_action_and_value(self, obs, action)
+
+    def keep(self, envs):
+        init(self, envs)
+        agents.append(self)
+
+    folder = tmp_path_factory.mktemp("cut")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ppo, "make_envs", lambda *a, **kw: Recorder(make_envs(*a, **kw)))
+            mp.setattr(ppo, "compute_gae", spy_gae)
+            mp.setattr(ppo.Agent, "get_action_and_value", spy_update)
+            mp.setattr(ppo.Agent, "__init__", keep)
+            steps = 32 if ppo.SCRIPT == "ppo_atari" else 40
+            args = tiny(ppo, env_id=CUT_ENV[ppo.SCRIPT], num_steps=steps, total_timesteps=3 * 3 * steps,
+                        gamma=0.9, learning_rate=1e-3)
+            ppo.train(args)
+    finally:
+        os.chdir(cwd)
+    return ppo, returned, gae_calls, trained, args
+
+
+def test_a_time_limit_bootstraps_from_the_final_observation_end_to_end(cut_run):
+    # At a cut (truncated, not terminated) the advantage is r + gamma * V(final observation) - V(s): the
+    # value of what the env returned at that step, not of the next episode's first observation.
+    ppo, returned, gae_calls, _, args = cut_run
+    T, checked, apart = args.num_steps, 0, 0
+    for r, (rewards, values, terminations, dones, advantages, agent, gamma) in enumerate(gae_calls):
+        for t, env in zip(*np.nonzero(dones.numpy())):
+            step = 1 + r * T + t  # returned[0] is the reset
+            final, terminated, truncated = (x[env] for x in returned[step])
+            if not truncated or terminated:
+                continue
+            assert terminations[t, env] == 0, "a time-limit cut was treated as a terminal state"
+            with torch.no_grad():
+                v_final = agent.get_value(torch.as_tensor(final[None], dtype=ppo.OBS_DTYPE)).item()
+                if step + 1 < len(returned):
+                    first = returned[step + 1][0][env]  # the next episode's first observation
+                    v_first = agent.get_value(torch.as_tensor(first[None], dtype=ppo.OBS_DTYPE)).item()
+                    apart += abs(v_final - v_first) > 1e-3
+            expected = rewards[t, env].item() + gamma * v_final - values[t, env].item()
+            assert advantages[t, env].item() == pytest.approx(expected, rel=1e-4, abs=1e-5)
+            checked += 1
+    assert checked >= 3 and apart >= 1, (checked, apart)  # the test saw cuts, and could tell the two values apart
+
+
+def test_the_step_that_only_resets_an_env_is_never_trained_on(cut_run):
+    # Every epoch learns from exactly the rollout's transitions: each step except those that start from an
+    # episode's final observation (they only reset the env), as returned by the vector env.
+    ppo, returned, _, trained, args = cut_run
+    T, per_epoch = args.num_steps, args.num_minibatches
+    dtype = np.float32 if ppo.OBS_DTYPE == torch.float32 else np.uint8
+    resets = 0
+    for r in range(len(trained) // (per_epoch * args.update_epochs)):
+        expected = collections.Counter()
+        for t in range(T):
+            obs, terminated, truncated = returned[r * T + t]  # what rollout step t starts from
+            for env in range(len(obs)):
+                if terminated[env] or truncated[env]:
+                    resets += 1
+                else:
+                    expected[obs[env].astype(dtype).tobytes()] += 1
+        for epoch in range(args.update_epochs):
+            start = (r * args.update_epochs + epoch) * per_epoch
+            learned = collections.Counter(row for call in trained[start:start + per_epoch] for row in call)
+            assert learned == expected
+    assert resets >= 3  # the test saw reset steps to leave out
+
+
+def test_a_nan_loss_stops_the_run_before_the_bad_update_is_applied(ppo, monkeypatch):
+    # The third minibatch's loss is NaN: training stops, and the parameters are those after the second step.
+    agents, after_step, loss_calls = [], [], []
+    init, ppo_loss = ppo.Agent.__init__, ppo.ppo_loss
+    monkeypatch.setattr(ppo.Agent, "__init__", lambda self, envs: init(self, envs) or agents.append(self))
+
+    def nan_on_the_third(*a, **kw):
+        loss, stats = ppo_loss(*a, **kw)
+        loss_calls.append(1)
+        return (loss * float("nan") if len(loss_calls) == 3 else loss), stats
+
+    monkeypatch.setattr(ppo, "ppo_loss", nan_on_the_third)
+    handle = register_optimizer_step_post_hook(
+        lambda optimizer, args, kwargs: after_step.append(copy.deepcopy(agents[0].state_dict())))
+    try:
+        with pytest.raises(ppo.TrainingDiverged, match="the loss became nan"):
+            ppo.train(tiny(ppo))
+    finally:
+        handle.remove()
+    assert len(after_step) == 2  # two good steps, and no third
+    state = agents[0].state_dict()
+    assert all(torch.equal(state[k], after_step[-1][k]) for k in state)
+
+
+@pytest.mark.parametrize("name", ["ppo_discrete", "ppo_continuous"])
+def test_actor_and_critic_are_separate_networks(name):
+    # The policy loss sends no gradient into the critic, and the value loss none into the actor.
+    ppo = importlib.import_module(name)
+    from helpers import box, spaces
+
+    torch.manual_seed(0)
+    act = gymnasium.spaces.Discrete(3) if name == "ppo_discrete" else box(2)
+    agent = ppo.Agent(spaces(box(4), act))
+    actor = [p for n, p in agent.named_parameters() if n.startswith("actor")]
+    critic = [p for n, p in agent.named_parameters() if n.startswith("critic")]
+    obs = torch.randn(16, 4)
+    action, newlogp, entropy, newvalue = agent.get_action_and_value(obs)
+    z = torch.zeros(16)
+    for vf_coef, ent_coef, moved, still in [(0.0, 0.01, actor, critic), (1.0, 0.0, critic, actor)]:
+        agent.zero_grad()
+        _, newlogp, entropy, newvalue = agent.get_action_and_value(obs, action)
+        advantages = torch.randn(16) if vf_coef == 0 else z
+        loss, _ = ppo.ppo_loss(newlogp, newlogp.detach() - 0.05, advantages, newvalue, z, torch.randn(16) * 5, entropy,
+                               clip_coef=0.2, vf_coef=vf_coef, ent_coef=ent_coef)
+        loss.backward()
+        assert all(p.grad is None or not p.grad.any() for p in still)
+        assert all(p.grad is not None and p.grad.any() for p in moved)
+
+
+@pytest.mark.parametrize("name", ["ppo_discrete", "ppo_atari"])
+def test_gumbel_max_sampling_follows_a_peaked_distribution(name):
+    # Logits far from uniform: every category's frequency within 4 standard errors of its probability
+    # (a wrong sampler, e.g. noise of the wrong sign or scale, misses by far more).
+    sample = importlib.import_module(name).sample
+    logits = torch.tensor([[4.0, 2.0, 0.0, -1.0, 1.0]])
+    probs = torch.softmax(logits, -1)[0]
+    n = 200_000
+    torch.manual_seed(0)
+    freq = torch.bincount(sample(logits.expand(n, 5)), minlength=5).double() / n
+    standard_error = (probs * (1 - probs) / n).sqrt().double()
+    assert ((freq - probs.double()).abs() <= 4 * standard_error).all(), (freq, probs)

@@ -9,44 +9,11 @@ import re
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COLUMNS = ["detail", "scripts", "where", "checked by"]
-MODULES = {"discrete": "ppo_discrete", "continuous": "ppo_continuous", "atari": "ppo_atari"}
-BACKTICKED = re.compile(r"`([^`]+)`")
-
-
-def cells(line: str) -> list[str]:
-    return [c.strip() for c in line.strip().strip("|").split("|")]
-
-
-def read_map() -> dict[str, list[dict[str, str]]]:
-    """{section heading: its rows, each as {column: cell}}, from every table with the four columns."""
-    sections, heading, header = {}, None, None
-    with open(os.path.join(ROOT, "DETAILS.md")) as f:
-        for line in f:
-            if line.startswith("#"):
-                heading = line.strip("# \n")
-            if not line.startswith("|"):
-                header = None
-            elif header is None:
-                header = cells(line)
-            elif header == COLUMNS and not set(line.strip()) <= set("|-: "):  # a row, not the |---| line
-                row = cells(line) + [""] * len(COLUMNS)  # a missing cell reads as empty
-                sections.setdefault(heading, []).append(dict(zip(COLUMNS, row)))
-    return sections
-
+from details import BACKTICKED, ROOT, modules, read_map, replacements, row_id
 
 SECTIONS = read_map()
 ROWS = [row for rows in SECTIONS.values() for row in rows]
-IDS = [row["detail"].split(":")[0] for row in ROWS]
-
-
-def modules(row: dict) -> list[str]:
-    names = row["scripts"].replace("`", "")
-    scripts = list(MODULES) if names == "all" else [s.strip() for s in names.split(",")]
-    unknown = [s for s in scripts if s not in MODULES]
-    assert not unknown, f"row '{row['detail']}': unknown script(s) {unknown} in `scripts` (use all, or {', '.join(MODULES)})"
-    return [MODULES[s] for s in scripts]
+IDS = [row_id(row) for row in ROWS]
 
 
 def has(module: str, dotted: str) -> bool:
@@ -92,3 +59,16 @@ def test_every_test_in_checked_by_exists(row):
             f"row '{row['detail']}': {ref} is not of the form tests/<file>.py::<test_name>"
         assert os.path.isfile(os.path.join(ROOT, path)), f"row '{row['detail']}': {path} does not exist"
         assert name in defined_tests(path), f"row '{row['detail']}': {path} has no test function {name}"
+
+
+@pytest.mark.parametrize("row", ROWS, ids=IDS)
+def test_every_break_is_found_exactly_once_in_each_of_its_scripts(row):
+    from mutations import break_files
+
+    pairs = replacements(row)
+    assert pairs, f"row '{row['detail']}': `break` names no `old` → `new` replacement"
+    for path in break_files(row):
+        with open(os.path.join(ROOT, path)) as f:
+            text = f.read()
+        for old, _ in pairs:
+            assert text.count(old) == 1, f"row '{row['detail']}': the break's `{old}` is in {path} {text.count(old)} times, not once"
