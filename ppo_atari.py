@@ -18,6 +18,7 @@ by actor and critic, and inputs scaled to [0, 1].
 import csv
 import dataclasses
 import difflib
+import functools
 import importlib
 import json
 import math
@@ -63,6 +64,8 @@ class Args:
     """CPU threads for torch (0: all cores; convolutions use them)"""
     bf16: bool = False
     """run the CNN in bfloat16 autocast (about 2x faster on CPUs with AMX or AVX512-BF16; numbers differ slightly)"""
+    compile: bool = False
+    """compile the forward passes and the loss with torch.compile (the first update pays for it, and says so)"""
     track: bool = False
     """also log to Weights & Biases (set WANDB_MODE=offline to log without network)"""
     wandb_project_name: str = "ppo"
@@ -103,6 +106,8 @@ class Args:
     """decay the learning rate linearly to 0 over training"""
     num_envs: int = 8
     """parallel environments per process (under torchrun each rank runs this many)"""
+    async_envs: Optional[bool] = None
+    """step each emulator in a process of its own (AsyncVectorEnv; default: on when there is a core per env to spare)"""
     num_steps: int = 128
     """steps per env in each rollout (batch = num_envs * num_steps transitions)"""
     gamma: float = 0.99
@@ -170,8 +175,11 @@ class FireOnReset(gym.Wrapper):
                 obs, info = self.env.reset(**kwargs)
         return obs, info
 
+    def lives(self) -> int:
+        return self.env.unwrapped.ale.lives()
+
     def step(self, action):
-        lives = self.env.unwrapped.ale.lives()
+        lives = self.lives()
         obs, reward, terminated, truncated, info = self.env.step(action)
         if self.needs_fire and info["lives"] < lives and not (terminated or truncated):
             obs, more, terminated, truncated, info = self.env.step(1)
@@ -216,7 +224,9 @@ def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym
     marks those steps as not-a-transition (`valid`) and never trains on them; the observation returned
     when an episode ends is then the true final observation, which is what truncation needs.
     """
-    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, video_dir, args.sticky_actions) for i in range(num_envs)])
+    # One after another in this process, or each emulator in a process of its own (--async-envs).
+    recipes = [make_env(args.env_id, i, video_dir, args.sticky_actions) for i in range(num_envs)]
+    envs = vector_env(recipes, args.async_envs)
     # Statistics before clipping: the reported return is the game score over all lives, unclipped.
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
     # Learning sees only the reward's sign, so one set of hyperparameters fits every game (detail 5).
@@ -410,6 +420,10 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         params = list(agent.parameters())
         # Adam eps 1e-5 (detail 3) instead of torch's 1e-8; the fused kernel does the whole step in one call.
         optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
+        loss_fn = ppo_loss
+        if args.compile:  # torch.compile: the agent's forward passes and the loss, with their backward
+            agent.act, loss_fn = torch.compile(agent.act), torch.compile(ppo_loss)
+            agent.get_action_and_value = torch.compile(agent.get_action_and_value)
         bf16 = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16)  # the CNN trunk's autocast
 
         # Rollout storage. obs and valid have T + 1 rows: the last is where the next rollout starts, and the
@@ -425,7 +439,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         dones = np.zeros((T, N), dtype=np.float32)
         valid = np.zeros((T + 1, N), dtype=bool)  # False where a step only reset an env whose episode had ended
         envs = run.start(agent, optimizer, envs, obs, valid)  # resumes from the checkpoint, or resets the envs
-        lives = np.array([env.unwrapped.ale.lives() for env in envs.unwrapped.envs])
+        lives = np.array(envs.unwrapped.call("lives"))  # each emulator's lives left (FireOnReset.lives)
 
         for iteration in run.iterations():  # between updates: checkpoints, and the stop on Ctrl-C or SIGTERM
             if args.anneal_lr:
@@ -463,7 +477,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                                          args.gamma, args.gae_lambda)
                 b_advantages = advantages.reshape(-1)
                 b_returns = b_advantages + b_values
-            b_inds = torch.from_numpy(valid[:T].reshape(-1)).to(device).nonzero().squeeze(1)  # the transitions
+            b_inds = torch.from_numpy(np.flatnonzero(valid[:T])).to(device)  # the transitions, found on the host
             run.check_batch(len(b_inds))
 
             # --- K epochs of minibatch Adam on the batch ---
@@ -474,14 +488,14 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                 for mb in torch.tensor_split(perm, args.num_minibatches):
                     with torch.autocast(**bf16):
                         _, newlogp, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])
-                    loss, stats = ppo_loss(newlogp, b_logprobs[mb], b_advantages[mb], newvalue, b_values[mb],
+                    loss, stats = loss_fn(newlogp, b_logprobs[mb], b_advantages[mb], newvalue, b_values[mb],
                                            b_returns[mb], entropy, clip_coef=args.clip_coef, vf_coef=args.vf_coef,
                                            ent_coef=args.ent_coef, norm_adv=args.norm_adv, clip_vloss=args.clip_vloss)
-                    run.check_finite(loss)  # a NaN or infinite loss stops the run before it is applied
                     optimizer.zero_grad()
                     loss.backward()
                     average_gradients(params)  # under torchrun: the mean over the ranks, before clipping
                     grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    run.check_finite(loss, grad_norm)  # a NaN or infinite loss stops the run before its step
                     optimizer.step()
                     logratios.append(stats.pop("logratio"))
                     mb_stats.append(torch.stack([*stats.values(), grad_norm]))
@@ -508,32 +522,22 @@ def check_spaces(env_id: str, envs: gym.vector.VectorEnv) -> None:
         raise UsageError(f"--env-id {env_id} gives observations {obs} after preprocessing, not 4 stacked 84x84 frames")
 
 
-def env_state(envs: gym.vector.VectorEnv) -> dict:
-    """Everything a checkpoint needs to continue the envs exactly.
+def env_state(env: gym.Env) -> dict:
+    """Everything a checkpoint needs to continue one env exactly.
 
-    The vector env and its wrappers (frame stacks included) pickle as they are. ALE envs pickle only
-    their constructor arguments, so each emulator's state (with its random generator, which drives
-    sticky actions) and the env's own generator (which draws the no-ops) are saved beside them.
-    "vector_env" is None for envs that hold unpicklable handles: a resumed run then starts new episodes.
+    The env and its wrappers (the frame stack included) pickle as they are. ALE envs pickle only their
+    constructor arguments, so the emulator's state (with its random generator, which drives sticky
+    actions) and the env's own generator (which draws the no-ops) are saved beside them.
     """
-    emulators = [(env.unwrapped.ale.cloneState(include_rng=True), env.unwrapped.np_random)
-                 for env in envs.unwrapped.envs]
-    try:
-        return {"vector_env": cloudpickle.dumps((envs, emulators))}
-    except Exception:
-        return {"vector_env": None}
+    return {"env": cloudpickle.dumps(env), "emulator": env.unwrapped.ale.cloneState(include_rng=True),
+            "rng": env.unwrapped.np_random}
 
 
-def restore_env_state(envs: gym.vector.VectorEnv, state: dict) -> gym.vector.VectorEnv:
-    """The envs to continue with: the saved ones where there are any (the new ones are then closed)."""
-    if state["vector_env"] is None:
-        return envs
-    envs.close()
-    envs, emulators = pickle.loads(state["vector_env"])
-    for env, (emulator, rng) in zip(envs.unwrapped.envs, emulators):
-        env.unwrapped.ale.restoreState(emulator)
-        env.unwrapped.np_random = rng
-    return envs
+def restore_env_state(state: dict) -> gym.Env:
+    env = pickle.loads(state["env"])
+    env.unwrapped.ale.restoreState(state["emulator"])
+    env.unwrapped.np_random = state["rng"]
+    return env
 
 
 def env_stats(envs: gym.vector.VectorEnv) -> dict:
@@ -554,7 +558,7 @@ def load_env_stats(envs: gym.vector.VectorEnv, stats: dict) -> None:
 # saved agent and main(). None of it changes a number that PPO computes (under torchrun, all_sum and
 # average_gradients make the ranks one agent). It is the same text in all three scripts, and a test
 # keeps it so: what differs by environment family comes in through the hooks of Part A (make_envs,
-# check_spaces, env_state, restore_env_state, env_stats, load_env_stats) and the Agent's methods.
+# check_spaces, env_state, restore_env_state, env_stats, load_env_stats, OBS_DTYPE) and the Agent's methods.
 # ====================================================================================================
 class UsageError(Exception):
     """Bad input from the user: printed as one line, never as a traceback."""
@@ -658,9 +662,12 @@ def check_autoreset(envs: gym.vector.VectorEnv) -> None:
                          "handles only gymnasium's default, AutoresetMode.NEXT_STEP (build it without autoreset_mode)")
 
 
-# Options that only change how a run is watched may differ on resume; every other change is refused.
-WATCHING = ("progress", "track", "wandb_project_name", "wandb_entity", "checkpoint_every", "checkpoint_minutes",
-            "resume", "eval_checkpoint", "eval_episodes", "eval_seed", "eval_deterministic", "exp_name", "run_name")
+# Options that only change how a run is watched, or how its envs are stepped (the same episodes either way), may
+# differ on resume, and so may --total-timesteps; every other change is refused.
+FREE_ON_RESUME = ("progress", "track", "wandb_project_name", "wandb_entity", "checkpoint_every", "checkpoint_minutes",
+                  "resume", "eval_checkpoint", "eval_episodes", "eval_seed", "eval_deterministic", "exp_name",
+                  "run_name", "async_envs", "total_timesteps")
+CHECKPOINT_FORMAT = 2
 
 
 def load_checkpoint(args: Args) -> dict:
@@ -669,9 +676,12 @@ def load_checkpoint(args: Args) -> dict:
     if "optimizer" not in ckpt:
         raise UsageError(f"--resume {args.resume} is a saved agent, not a checkpoint; resume from "
                          "runs/<run_name>/checkpoint.pt")
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"--resume {args.resume} was written by an older version of {SCRIPT}.py; finish that run "
+                         "with that version, or start anew")
     saved, now = ckpt["args"], asdict(args)
     for name in now:
-        if name not in WATCHING and name != "total_timesteps" and saved.get(name) != now[name]:
+        if name not in FREE_ON_RESUME and saved.get(name) != now[name]:
             raise UsageError(f"--resume {args.resume} was trained with {flag(name)} {saved.get(name)}, not "
                              f"{now[name]}; "
                              f"a resumed run continues as it started (only {flag('total_timesteps')} and options that "
@@ -739,6 +749,109 @@ def average_gradients(params: list[torch.Tensor]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Vector envs: stepped in this process or in processes of their own, saved and restored for checkpoints
+# ----------------------------------------------------------------------------------------------------
+def vector_env(recipes: list, async_envs: Optional[bool]) -> gym.vector.VectorEnv:
+    """The envs of the recipes stepped as one: one after another in this process (SyncVectorEnv), or each in
+    a process of its own (AsyncVectorEnv), which pays for slow envs on a machine with a core per env to spare.
+    async_envs None: async when there is such a core. An async env answers checkpoints from its own process."""
+    if async_envs is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        async_envs = cores > len(recipes)
+    if not async_envs:
+        return gym.vector.SyncVectorEnv(recipes)
+    return gym.vector.AsyncVectorEnv([functools.partial(answering_checkpoints, recipe) for recipe in recipes])
+
+
+def answering_checkpoints(recipe: Callable[[], gym.Env]) -> gym.Env:
+    env = recipe()
+    env.checkpoint_state = functools.partial(env_state, env)  # called in the env's process (envs_state)
+    return env
+
+
+def envs_state(envs: gym.vector.VectorEnv) -> dict:
+    """What a checkpoint needs to continue a vector env exactly: its wrappers (with their statistics and
+    episode counters), pickled without the vector env under them, and each env's state (env_state of Part A).
+    "envs" is None when an env holds what cannot be pickled (an open file, a socket): a resumed run then
+    starts new episodes under the saved wrappers."""
+    bottom = envs.unwrapped
+    if not isinstance(bottom, (gym.vector.SyncVectorEnv, gym.vector.AsyncVectorEnv)):
+        try:  # an env's own vector version (CartPole's) pickles whole
+            return {"whole": cloudpickle.dumps(envs)}
+        except Exception:
+            return {"whole": None}
+    try:
+        if isinstance(bottom, gym.vector.AsyncVectorEnv):
+            states = list(bottom.call("checkpoint_state"))
+        else:
+            states = [env_state(env) for env in bottom.envs]
+    except Exception:
+        states = None
+    inner = innermost_wrapper(envs)
+    if inner is None:
+        return {"wrappers": None, "envs": states}
+    inner.env = None
+    try:
+        return {"wrappers": cloudpickle.dumps(envs), "envs": states}
+    finally:
+        inner.env = bottom
+
+
+def restore_envs(envs: gym.vector.VectorEnv, state: dict, pending: np.ndarray,
+                 async_envs: Optional[bool]) -> tuple[gym.vector.VectorEnv, bool]:
+    """The envs to continue with, and whether they are the saved ones (else new ones, to be reset).
+
+    envs: new, unused envs (closed here if the saved ones replace them); pending: the envs whose episode ended
+    on the last step, which the next step only resets (gymnasium's autoreset on the next step; a vector env
+    rebuilt from its envs does not know it, so ResetOnNextStep does it once).
+    """
+    if "whole" in state:
+        if state["whole"] is None:
+            return envs, False
+        envs.close()
+        return pickle.loads(state["whole"]), True
+    bottom = envs.unwrapped
+    if state["envs"] is not None:
+        envs.close()
+        bottom = vector_env([functools.partial(restored_env, s, p) for s, p in zip(state["envs"], pending)],
+                            async_envs)
+    if state["wrappers"] is None:
+        return bottom, state["envs"] is not None
+    wrappers = pickle.loads(state["wrappers"])
+    innermost_wrapper(wrappers).env = bottom
+    return wrappers, state["envs"] is not None
+
+
+def restored_env(state: dict, pending: bool) -> gym.Env:
+    env = restore_env_state(state)
+    return ResetOnNextStep(env) if pending else env
+
+
+class ResetOnNextStep(gym.Wrapper):
+    """Resets the env on its next step, as gymnasium's vector envs do after an episode ends: that step returns
+    the next episode's first observation with reward 0, and ignores the action. Then it steps as usual."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.pending = True
+
+    def step(self, action):
+        if not self.pending:
+            return self.env.step(action)
+        self.pending = False
+        obs, info = self.env.reset()
+        return obs, 0.0, False, False, info
+
+
+def innermost_wrapper(envs: gym.vector.VectorEnv) -> Optional[gym.vector.VectorWrapper]:
+    if not isinstance(envs, gym.vector.VectorWrapper):
+        return None
+    while isinstance(envs.env, gym.vector.VectorWrapper):
+        envs = envs.env
+    return envs
+
+
+# ----------------------------------------------------------------------------------------------------
 # Files: saving, loading, results
 # ----------------------------------------------------------------------------------------------------
 def save_atomic(obj: dict, path: str) -> None:
@@ -793,19 +906,19 @@ def write_results(run_dir: str, args: Args, episodes: dict, global_step: int, el
 # ----------------------------------------------------------------------------------------------------
 # Logs, progress, health warnings
 # ----------------------------------------------------------------------------------------------------
-def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> tuple[float, bool]:
-    """1 - Var(returns - values) / Var(returns) over all ranks' batches, and whether the returns vary.
+def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
+    """[1 - Var(returns - values) / Var(returns), whether the returns vary] over all ranks' batches, as a
+    tensor on the device (read with the update's other diagnostics, in one copy).
 
     Explained variance says little when returns barely vary (e.g. every episode hits the time limit):
-    the second value is False then.
+    the second value is 0 then.
     """
     y, e = y_true.double(), (y_true - y_pred).double()
     s = all_sum(torch.stack([y.new_tensor(y.numel()), y.sum(), (y**2).sum(), e.sum(), (e**2).sum(), y.abs().sum()]))
-    s = s.tolist()
     n = s[0]
-    var_y, var_e = (s[2] - s[1] ** 2 / n) / max(n - 1, 1), (s[4] - s[3] ** 2 / n) / max(n - 1, 1)
-    ev = 1 - var_e / var_y if var_y > 0 else float("nan")
-    return ev, var_y > 0 and var_y**0.5 > 0.05 * s[5] / n
+    var_y, var_e = (s[2] - s[1] ** 2 / n) / (n - 1).clamp_min(1), (s[4] - s[3] ** 2 / n) / (n - 1).clamp_min(1)
+    ev = torch.where(var_y > 0, 1 - var_e / var_y, torch.nan)
+    return torch.stack([ev, ((var_y > 0) & (var_y.sqrt() > 0.05 * s[5] / n)).double()]).float()
 
 
 class Logger:
@@ -980,6 +1093,8 @@ class Run:
         self.global_step, self.first_iteration, self.elapsed_before = 0, 1, 0.0
         self.envs = self.logger = self.progress = None
         self.signal, self.handlers, self.interrupted, self.checkpoint_path = None, {}, False, None
+        # On a GPU, nothing waits for the device but the copy of the actions to the envs at every step.
+        self.deferred, self.unread, self.update_times = self.device.type == "cuda", None, []
 
     def __enter__(self) -> "Run":
         return self
@@ -1007,8 +1122,8 @@ class Run:
                 raise UsageError(f"--resume {args.resume} does not fit this network "
                                  f"({str(e).splitlines()[0]})") from None
             rank_state = ckpt["ranks"][self.rank]
-            envs = restore_env_state(envs, rank_state["envs"])
-            if rank_state["envs"]["vector_env"] is None:  # not saved: new episodes, seeded apart from the first start's
+            envs, restored = restore_envs(envs, rank_state["envs"], ~rank_state["next_valid"], args.async_envs)
+            if not restored:  # the envs could not be saved: new episodes, seeded apart from the first start's
                 next_obs, _ = envs.reset(seed=args.seed + self.rank * N + ckpt["global_step"])
                 next_valid = np.ones(N, dtype=bool)
             else:
@@ -1024,6 +1139,8 @@ class Run:
         obs[-1] = torch.as_tensor(next_obs, device=self.device)
         valid[-1] = next_valid
         self.agent, self.optimizer, self.envs, self.obs, self.valid = agent, optimizer, envs, obs, valid
+        if self.deferred:
+            optimizer.found_inf = torch.zeros((), device=self.device)
 
         if self.main:
             os.makedirs(self.run_dir, exist_ok=True)
@@ -1053,7 +1170,9 @@ class Run:
         (with a checkpoint) or at stop_at_step."""
         for iteration in range(self.first_iteration, self.args.num_iterations + 1):
             self.iteration = iteration
+            started = time.time()
             yield iteration
+            self.report_compile_time(time.time() - started)
             every = self.args.checkpoint_every and iteration % self.args.checkpoint_every == 0
             minutes = self.args.checkpoint_minutes and \
                 time.time() - self.last_checkpoint >= 60 * self.args.checkpoint_minutes
@@ -1065,6 +1184,15 @@ class Run:
                 return
             if self.stop_at_step is not None and self.global_step >= self.stop_at_step:
                 return
+
+    def report_compile_time(self, seconds: float) -> None:
+        """With --compile, say what compiling cost: the first updates' times (compiling, and recompiling once
+        the minibatch sizes vary) against the third's."""
+        self.update_times.append(seconds)
+        if self.args.compile and len(self.update_times) == 3 and self.main:
+            first, second, third = self.update_times
+            self.progress.say(f"torch.compile: the first two updates took {first:.1f} s and {second:.1f} s "
+                              f"(compiling), the third {third:.2f} s")
 
     def agree(self, *flags: bool) -> list[bool]:
         """Each flag raised on any rank, so that all ranks stop and checkpoint after the same update
@@ -1093,15 +1221,27 @@ class Run:
                              f"reset an env after its episode ended), too few for --num-minibatches "
                              f"{self.args.num_minibatches}; use fewer minibatches or a larger --num-steps")
 
-    def check_finite(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"the loss became {loss.item()} at step {self.global_step} (update {self.iteration}); training "
-                f"stopped before applying it. Lower --learning-rate or --max-grad-norm; the last checkpoint (if any) "
-                f"is kept in {self.run_dir}")
+    def check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Stop the run on a NaN or infinite loss before its optimizer step is applied.
 
-    def log_update(self, diagnostics: dict[str, torch.Tensor], explained_var: tuple[float, bool], epochs: int) -> None:
-        """Log one update's diagnostics, averaged over the ranks, with one host sync; check PPO's health."""
+        On a GPU, looking at the loss would make the host wait for the device: there fused Adam skips the step
+        itself (its found_inf, as GradScaler uses it), and every later one of the update, and the update's
+        logs stop the run. The gradients are averaged over the ranks first, so all ranks skip alike.
+        """
+        if self.deferred:
+            torch.maximum(self.optimizer.found_inf, (~torch.isfinite(grad_norm)).float(), out=self.optimizer.found_inf)
+        elif not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} (gradient norm {grad_norm.item()}) at step {self.global_step} (update "
+                f"{self.iteration}); training stopped before applying it. Lower --learning-rate or --max-grad-norm; "
+                f"the last checkpoint (if any) is kept in {self.run_dir}")
+
+    def log_update(self, diagnostics: dict[str, torch.Tensor], explained_var: torch.Tensor, epochs: int) -> None:
+        """Log one update's diagnostics, averaged over the ranks, check PPO's health, move the progress bar.
+
+        The diagnostics reach the host in one copy. On a GPU that copy does not wait: it is read at the next
+        update (and at the end), so the device never idles for the logs.
+        """
         if self.world_size > 1:  # rank 0 logs the episodes of every rank
             everyone = [None] * self.world_size if self.main else None
             dist.gather_object({k: v[self.episodes_sent:] for k, v in self.episodes.items()}, everyone, dst=0)
@@ -1109,27 +1249,46 @@ class Run:
                 for k, v in other.items():
                     self.episodes[k].extend(v)
             self.episodes_sent = len(self.episodes["returns"])
-        means = (all_sum(torch.stack(list(diagnostics.values()))) / self.world_size).tolist()
-        metrics = {f"losses/{k}": v for k, v in zip(diagnostics, means)}
-        metrics["losses/explained_variance"], returns_vary = explained_var
-        metrics["losses/epochs"] = epochs
-        sps = (self.global_step - self.start_step) / (time.time() - self.start_time)
-        metrics["charts/learning_rate"] = self.optimizer.param_groups[0]["lr"]
-        metrics["charts/SPS"] = sps
+        values = torch.cat([all_sum(torch.stack(list(diagnostics.values()))) / self.world_size, explained_var,
+                            self.optimizer.found_inf.view(1) if self.deferred else explained_var[:0]])
+        metrics = {"losses/epochs": epochs, "charts/learning_rate": self.optimizer.param_groups[0]["lr"],
+                   "charts/SPS": (self.global_step - self.start_step) / (time.time() - self.start_time)}
         if self.episodes["returns"]:
             metrics["charts/episodic_return"] = float(np.mean(self.episodes["returns"][-20:]))
             metrics["charts/episodic_length"] = float(np.mean(self.episodes["lengths"][-20:]))
+        update = (list(diagnostics), metrics, self.global_step, self.iteration)
+        if not self.deferred:
+            return self.write_update(*update, values.tolist())
+        copy, done = values.to("cpu", non_blocking=True), torch.cuda.Event()
+        done.record()
+        previous, self.unread = self.unread, (update, copy, done)
+        if previous is not None:
+            self.read(previous)
+
+    def read(self, unread) -> None:
+        update, copy, done = unread
+        done.synchronize()  # waits for that copy alone, queued long ago
+        self.write_update(*update, copy.tolist())
+
+    def write_update(self, names: list[str], metrics: dict, step: int, iteration: int, values: list[float]) -> None:
+        if self.deferred and values[-1]:
+            raise TrainingDiverged(
+                f"a loss became nan or infinite in update {iteration} (by step {step}); its optimizer step and the "
+                f"later ones were skipped and training stopped. Lower --learning-rate or --max-grad-norm; the last "
+                f"checkpoint (if any) is kept in {self.run_dir}")
+        metrics = {**{f"losses/{k}": v for k, v in zip(names, values)}, "losses/explained_variance": values[len(names)],
+                   **metrics}
         if self.main:
-            self.logger.log(metrics, self.global_step)
-            self.health.check(metrics, self.global_step, late=self.iteration > self.args.num_iterations // 2,
-                              returns_vary=returns_vary)
-            self.progress.update(self.global_step, sps, metrics.get("charts/episodic_return", float("nan")))
+            self.logger.log(metrics, step)
+            self.health.check(metrics, step, late=iteration > self.args.num_iterations // 2,
+                              returns_vary=bool(values[len(names) + 1]))
+            self.progress.update(step, metrics["charts/SPS"], metrics.get("charts/episodic_return", float("nan")))
 
     def checkpoint(self) -> Optional[str]:
         """Write runs/<run>/checkpoint.pt: all a resumed run needs to go on as an uninterrupted one would."""
         # Parameters and optimizer are the same on every rank; envs and random streams are each rank's own.
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        rank_state = {"envs": env_state(self.envs), "next_obs": self.obs[-1].cpu().numpy(),
+        rank_state = {"envs": envs_state(self.envs), "next_obs": self.obs[-1].cpu().numpy(),
                       "next_valid": self.valid[-1].copy(),
                       "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                               "python": random.getstate(), "cuda": cuda}}
@@ -1142,7 +1301,8 @@ class Run:
             return None
         self.logger.flush()  # every scalar up to this update is on disk, so a crash now loses none of them
         self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
-        save_atomic({"script": SCRIPT, "args": asdict(self.args), "iteration": self.iteration,
+        save_atomic({"script": SCRIPT, "format": CHECKPOINT_FORMAT, "args": asdict(self.args),
+                     "iteration": self.iteration,
                      "global_step": self.global_step, "model": self.agent.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "env_stats": env_stats(self.envs), "ranks": ranks,
                      "episodes": self.episodes, "elapsed": self.elapsed(), "wandb_id": self.logger.wandb_id},
@@ -1152,6 +1312,8 @@ class Run:
     # --- after the last update --------------------------------------------------------------------------
     def result(self, agent: nn.Module) -> dict:
         """Save the trained agent (with --save-model), and what train() returns."""
+        if self.unread is not None:  # the last update's logs, on a GPU
+            self.read(self.unread)
         path = os.path.join(self.run_dir, "agent.pt")
         if self.args.save_model and not self.interrupted and self.main:
             # The env statistics belong to the model: without them the policy would see other inputs.
@@ -1204,7 +1366,7 @@ def evaluate(path: str, episodes: int, seed: Optional[int] = None, deterministic
     deterministic: the most likely action instead of a sample of the policy.
     """
     data = load_file(path, "--eval-checkpoint")
-    args = saved_args(data)
+    args = dataclasses.replace(saved_args(data), async_envs=False)  # one env: no process of its own
     envs = make_envs(args, 1, video_dir)
     check_spaces(args.env_id, envs)
     load_env_stats(envs, data.get("env_stats", {}))

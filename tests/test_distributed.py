@@ -40,7 +40,7 @@ def check_reductions(rank: int, init_file: str) -> None:
     # Per-minibatch advantage normalization over the union of the ranks' minibatches.
     joined = (adv.flatten() - adv.mean()) / (adv.std() + 1e-8)
     torch.testing.assert_close(ppo_discrete.normalize(adv[rank]), joined.view(2, 40)[rank])
-    ev, _ = ppo_discrete.explained_variance(pred[rank], y[rank])
+    ev, _ = ppo_discrete.explained_variance(pred[rank], y[rank]).tolist()
     assert ev == pytest.approx((1 - (y - pred).var() / y.var()).item(), rel=1e-5)
     p = torch.nn.Parameter(torch.zeros(2, 3))
     p.grad = torch.full((2, 3), float(rank))

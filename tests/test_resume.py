@@ -5,11 +5,12 @@ import os
 import signal
 from dataclasses import asdict
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
-from helpers import TINY, register_test_envs, tiny_args
+from helpers import TINY, register_test_envs, same_params, tiny_args
 
 register_test_envs()
 
@@ -35,18 +36,22 @@ def test_resume_takes_the_checkpoints_options_in_either_form(ppo, form, in_tmp_d
 
 
 def test_envs_that_cannot_be_saved_resume_with_new_episodes(ppo, in_tmp_dir, monkeypatch):
-    def cannot(obj):
+    def cannot(env):
         raise TypeError("cannot pickle a handle")
 
-    monkeypatch.setattr(ppo.cloudpickle, "dumps", cannot)  # as for envs that hold an open file or socket
-    first = ppo.train(tiny(ppo, checkpoint_every=1))
+    monkeypatch.setattr(ppo, "env_state", cannot)  # as for envs that hold an open file or a socket
+    if ppo.__name__ == "ppo_discrete":
+        kw = dict(env_id="Acrobot-v1")  # CartPole's own vector env pickles whole, not env by env
+    else:
+        kw = {}
+    first = ppo.train(tiny(ppo, checkpoint_every=1, **kw))
     path = os.path.join(first["run_dir"], "checkpoint.pt")
     ckpt = torch.load(path, weights_only=False)
-    assert ckpt["ranks"][0]["envs"]["vector_env"] is None
-    more = ppo.train(tiny(ppo, total_timesteps=2 * first["global_step"], resume=path))
+    assert ckpt["ranks"][0]["envs"]["envs"] is None
+    more = ppo.train(tiny(ppo, total_timesteps=2 * first["global_step"], resume=path, **kw))
     assert more["global_step"] == 2 * first["global_step"]
     if ppo.__name__ == "ppo_continuous":  # the normalization goes on from the saved statistics
-        saved = ckpt["ranks"][0]["envs"]["obs_rms"]
+        saved = ckpt["env_stats"]["obs_rms"]
         assert more["env_stats"]["obs_rms"]["count"] > saved["count"] > 1
         returns = ppo.evaluate(path, episodes=1)  # evaluation reads them from the checkpoint too
         assert len(returns) == 1
@@ -76,3 +81,35 @@ def test_too_few_transitions_for_the_minibatches_is_a_clear_error(name, in_tmp_d
     assert ppo.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "only 2 transitions" in err[0] and "--num-minibatches 2" in err[0]
+
+
+def test_async_envs_play_the_same_episodes_and_resume_exactly(ppo, in_tmp_dir):
+    # Each env in a process of its own gives the same episodes as all in this one. A checkpoint saves each
+    # env in its own process; here it falls right after an episode's end (TestClock-v0 is cut every 10 steps,
+    # 2 updates of 5 steps), so the resumed envs must reset on their first step, as the vector env would have.
+    env_id = {"ppo_discrete": "TestClock-v0", "ppo_continuous": "TestClockContinuous-v0",
+              "ppo_atari": "TestBreakoutCut-v0"}[ppo.__name__]
+    kw = dict(env_id=env_id, num_envs=2, num_steps=5, total_timesteps=40, num_minibatches=2)
+    inline = ppo.train(tiny(ppo, run_name="inline", async_envs=False, **kw))
+    straight = ppo.train(tiny(ppo, run_name="async", async_envs=True, **kw))
+    assert same_params(inline["agent"].state_dict(), straight["agent"].state_dict())
+    assert inline["episodes"]["returns"] == straight["episodes"]["returns"]
+    ppo.train(tiny(ppo, run_name="cut", async_envs=True, checkpoint_every=2, **kw), stop_at_step=20)
+    resumed = ppo.train(tiny(ppo, async_envs=True, resume="runs/cut/checkpoint.pt", **kw))
+    assert same_params(straight["agent"].state_dict(), resumed["agent"].state_dict())
+    assert straight["episodes"]["returns"] == resumed["episodes"]["returns"]
+    # ... and the same run may go on in this process: how the envs are stepped does not change the run.
+    again = ppo.train(tiny(ppo, run_name="x", async_envs=False, resume="runs/cut/checkpoint.pt", **kw))
+    assert same_params(straight["agent"].state_dict(), again["agent"].state_dict())
+
+
+def test_async_envs_by_default_only_with_a_core_per_env_to_spare(ppo, monkeypatch):
+    recipes = [ppo.make_env(TINY[ppo.__name__]["env_id"], i) for i in range(3)]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    envs = ppo.vector_env(recipes, None)
+    assert isinstance(envs, gym.vector.SyncVectorEnv)
+    envs.close()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    envs = ppo.vector_env(recipes, None)
+    assert isinstance(envs, gym.vector.AsyncVectorEnv)
+    envs.close()
