@@ -106,8 +106,8 @@ class Args:
     """decay the learning rate linearly to 0 over training"""
     num_envs: int = 8
     """parallel environments per process (under torchrun each rank runs this many)"""
-    async_envs: Optional[bool] = None
-    """step each emulator in a process of its own (AsyncVectorEnv; default: on when there is a core per env to spare)"""
+    async_envs: bool = len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count())) > 8
+    """step each emulator in a process of its own (AsyncVectorEnv); on by default with more cores than the 8 envs"""
     num_steps: int = 128
     """steps per env in each rollout (batch = num_envs * num_steps transitions)"""
     gamma: float = 0.99
@@ -489,8 +489,8 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                     with torch.autocast(**bf16):
                         _, newlogp, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])
                     loss, stats = loss_fn(newlogp, b_logprobs[mb], b_advantages[mb], newvalue, b_values[mb],
-                                           b_returns[mb], entropy, clip_coef=args.clip_coef, vf_coef=args.vf_coef,
-                                           ent_coef=args.ent_coef, norm_adv=args.norm_adv, clip_vloss=args.clip_vloss)
+                                          b_returns[mb], entropy, clip_coef=args.clip_coef, vf_coef=args.vf_coef,
+                                          ent_coef=args.ent_coef, norm_adv=args.norm_adv, clip_vloss=args.clip_vloss)
                     optimizer.zero_grad()
                     loss.backward()
                     average_gradients(params)  # under torchrun: the mean over the ranks, before clipping
@@ -751,13 +751,10 @@ def average_gradients(params: list[torch.Tensor]) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Vector envs: stepped in this process or in processes of their own, saved and restored for checkpoints
 # ----------------------------------------------------------------------------------------------------
-def vector_env(recipes: list, async_envs: Optional[bool]) -> gym.vector.VectorEnv:
+def vector_env(recipes: list, async_envs: bool) -> gym.vector.VectorEnv:
     """The envs of the recipes stepped as one: one after another in this process (SyncVectorEnv), or each in
     a process of its own (AsyncVectorEnv), which pays for slow envs on a machine with a core per env to spare.
-    async_envs None: async when there is such a core. An async env answers checkpoints from its own process."""
-    if async_envs is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        async_envs = cores > len(recipes)
+    An async env answers checkpoints from its own process."""
     if not async_envs:
         return gym.vector.SyncVectorEnv(recipes)
     return gym.vector.AsyncVectorEnv([functools.partial(answering_checkpoints, recipe) for recipe in recipes])
@@ -798,7 +795,7 @@ def envs_state(envs: gym.vector.VectorEnv) -> dict:
 
 
 def restore_envs(envs: gym.vector.VectorEnv, state: dict, pending: np.ndarray,
-                 async_envs: Optional[bool]) -> tuple[gym.vector.VectorEnv, bool]:
+                 async_envs: bool) -> tuple[gym.vector.VectorEnv, bool]:
     """The envs to continue with, and whether they are the saved ones (else new ones, to be reset).
 
     envs: new, unused envs (closed here if the saved ones replace them); pending: the envs whose episode ended

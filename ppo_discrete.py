@@ -174,13 +174,6 @@ def make_env(env_id: str, idx: int, video_dir: Optional[str] = None) -> Callable
     return thunk
 
 
-def needs_flattening(space: gym.Space) -> bool:
-    if isinstance(space, gym.spaces.Box):
-        image = len(space.shape) == 3 or (len(space.shape) == 2 and space.dtype == np.uint8)
-        return len(space.shape) != 1 and not image
-    return space.is_np_flattenable
-
-
 def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym.vector.VectorEnv:
     """num_envs envs stepped as one batch (detail 1), with episode statistics, and the env's action masks
     appended to the observations when it gives any.
@@ -202,83 +195,6 @@ def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym
         envs = vector_env(recipes, args.async_envs)  # one after another in this process, or each in its own
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
     return ActionMasks(envs, args.env_id) if masked else envs
-
-
-def same_wrappers(env: gym.Env, other: gym.Env) -> bool:
-    kinds = [[], []]
-    for kind, e in zip(kinds, (env, other)):
-        e.close()
-        while isinstance(e, gym.Wrapper):
-            kind.append(type(e))
-            e = e.env
-    return kinds[0] == kinds[1]
-
-
-class MaskFromObservation(gym.ObservationWrapper):
-    """Moves the "action_mask" entry of a Dict observation (the multi-agent libraries' convention) to
-    info["action_mask"] (gymnasium's), and leaves the rest of the observation."""
-
-    def __init__(self, env: gym.Env):
-        super().__init__(env)
-        self.observation_space = gym.spaces.Dict({k: v for k, v in env.observation_space.spaces.items()
-                                                  if k != "action_mask"})
-
-    def reset(self, **kwargs):
-        obs, info = self.env.reset(**kwargs)
-        return self.observation(obs), {**info, "action_mask": obs["action_mask"]}
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        return self.observation(obs), reward, terminated, truncated, {**info, "action_mask": obs["action_mask"]}
-
-    def observation(self, obs: dict) -> dict:
-        return {k: v for k, v in obs.items() if k != "action_mask"}
-
-
-class ActionMasks(gym.vector.VectorWrapper):
-    """Appends each env's action mask (info["action_mask"]: 1 for an allowed action, for each action
-    of each action dimension) to its observation as 0/1 floats.
-
-    So the mask of every step is stored in the rollout next to its observation, and checkpoints,
-    resume, torchrun and evaluation carry it along with no code of their own; the Agent splits it off.
-    """
-
-    def __init__(self, envs: gym.vector.VectorEnv, env_id: str):
-        super().__init__(envs)
-        self.env_id, self.nvec = env_id, choices(envs.single_action_space)
-        self.mask_size = int(sum(self.nvec))
-        size = envs.single_observation_space.shape[0] + self.mask_size
-        self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
-        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, envs.num_envs)
-
-    def reset(self, **kwargs):
-        obs, info = self.env.reset(**kwargs)
-        return self.append(obs, info), info
-
-    def step(self, actions):
-        obs, reward, terminated, truncated, info = self.env.step(actions)
-        return self.append(obs, info), reward, terminated, truncated, info
-
-    def append(self, obs: np.ndarray, info: dict) -> np.ndarray:
-        mask = np.asarray(info.get("action_mask", np.zeros((len(obs), 0)))).reshape(len(obs), -1)
-        if mask.shape[1] != self.mask_size:
-            raise UsageError(f"--env-id {self.env_id} gave an action mask of {mask.shape[1]} entries, not one per "
-                             f"action ({self.mask_size}); or pass --no-action-masks")
-        allowed = np.add.reduceat(mask > 0, np.cumsum([0, *self.nvec[:-1]]), axis=1)
-        if not allowed.all():
-            env, dim = np.argwhere(allowed == 0)[0]
-            raise UsageError(f"--env-id {self.env_id} gave an action mask that allows no action (env {env}, action "
-                             f"dimension {dim}); an env must leave at least one action open")
-        return np.concatenate([obs, mask > 0], axis=1, dtype=np.float32)
-
-
-def choices(space: gym.Space) -> list[int]:
-    """The number of options of each action dimension: one for Discrete, one per dimension otherwise."""
-    if isinstance(space, gym.spaces.Discrete):
-        return [int(space.n)]
-    if isinstance(space, gym.spaces.MultiDiscrete):
-        return [int(n) for n in space.nvec.ravel()]
-    return [2] * int(np.prod(space.shape))  # MultiBinary
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -541,8 +457,8 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                 for mb in torch.tensor_split(perm, args.num_minibatches):
                     _, newlogp, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])
                     loss, stats = loss_fn(newlogp, b_logprobs[mb], b_advantages[mb], newvalue, b_values[mb],
-                                           b_returns[mb], entropy, clip_coef=args.clip_coef, vf_coef=args.vf_coef,
-                                           ent_coef=args.ent_coef, norm_adv=args.norm_adv, clip_vloss=args.clip_vloss)
+                                          b_returns[mb], entropy, clip_coef=args.clip_coef, vf_coef=args.vf_coef,
+                                          ent_coef=args.ent_coef, norm_adv=args.norm_adv, clip_vloss=args.clip_vloss)
                     optimizer.zero_grad()
                     loss.backward()
                     average_gradients(params)  # under torchrun: the mean over the ranks, before clipping
@@ -559,6 +475,93 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
             diagnostics = {**dict(zip([*stats, "grad_norm"], torch.stack(mb_stats).mean(0))), **shift}
             run.log_update(diagnostics, explained_variance(b_values[b_inds], b_returns[b_inds]), epochs=epoch + 1)
         return run.result(agent)
+
+
+# ----------------------------------------------------------------------------------------------------
+# make_envs' helpers: observations to flatten, action masks, several action dimensions, CartPole's own vector env
+# ----------------------------------------------------------------------------------------------------
+def needs_flattening(space: gym.Space) -> bool:
+    if isinstance(space, gym.spaces.Box):
+        image = len(space.shape) == 3 or (len(space.shape) == 2 and space.dtype == np.uint8)
+        return len(space.shape) != 1 and not image
+    return space.is_np_flattenable
+
+
+def same_wrappers(env: gym.Env, other: gym.Env) -> bool:
+    kinds = [[], []]
+    for kind, e in zip(kinds, (env, other)):
+        e.close()
+        while isinstance(e, gym.Wrapper):
+            kind.append(type(e))
+            e = e.env
+    return kinds[0] == kinds[1]
+
+
+class MaskFromObservation(gym.ObservationWrapper):
+    """Moves the "action_mask" entry of a Dict observation (the multi-agent libraries' convention) to
+    info["action_mask"] (gymnasium's), and leaves the rest of the observation."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.observation_space = gym.spaces.Dict({k: v for k, v in env.observation_space.spaces.items()
+                                                  if k != "action_mask"})
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        return self.observation(obs), {**info, "action_mask": obs["action_mask"]}
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return self.observation(obs), reward, terminated, truncated, {**info, "action_mask": obs["action_mask"]}
+
+    def observation(self, obs: dict) -> dict:
+        return {k: v for k, v in obs.items() if k != "action_mask"}
+
+
+class ActionMasks(gym.vector.VectorWrapper):
+    """Appends each env's action mask (info["action_mask"]: 1 for an allowed action, for each action
+    of each action dimension) to its observation as 0/1 floats.
+
+    So the mask of every step is stored in the rollout next to its observation, and checkpoints,
+    resume, torchrun and evaluation carry it along with no code of their own; the Agent splits it off.
+    """
+
+    def __init__(self, envs: gym.vector.VectorEnv, env_id: str):
+        super().__init__(envs)
+        self.env_id, self.nvec = env_id, choices(envs.single_action_space)
+        self.mask_size = int(sum(self.nvec))
+        size = envs.single_observation_space.shape[0] + self.mask_size
+        self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, envs.num_envs)
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        return self.append(obs, info), info
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        return self.append(obs, info), reward, terminated, truncated, info
+
+    def append(self, obs: np.ndarray, info: dict) -> np.ndarray:
+        mask = np.asarray(info.get("action_mask", np.zeros((len(obs), 0)))).reshape(len(obs), -1)
+        if mask.shape[1] != self.mask_size:
+            raise UsageError(f"--env-id {self.env_id} gave an action mask of {mask.shape[1]} entries, not one per "
+                             f"action ({self.mask_size}); or pass --no-action-masks")
+        allowed = np.add.reduceat(mask > 0, np.cumsum([0, *self.nvec[:-1]]), axis=1)
+        if not allowed.all():
+            env, dim = np.argwhere(allowed == 0)[0]
+            raise UsageError(f"--env-id {self.env_id} gave an action mask that allows no action (env {env}, action "
+                             f"dimension {dim}); an env must leave at least one action open")
+        return np.concatenate([obs, mask > 0], axis=1, dtype=np.float32)
+
+
+def choices(space: gym.Space) -> list[int]:
+    """The number of options of each action dimension: one for Discrete, one per dimension otherwise."""
+    if isinstance(space, gym.spaces.Discrete):
+        return [int(space.n)]
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return [int(n) for n in space.nvec.ravel()]
+    return [2] * int(np.prod(space.shape))  # MultiBinary
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -801,13 +804,10 @@ def average_gradients(params: list[torch.Tensor]) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Vector envs: stepped in this process or in processes of their own, saved and restored for checkpoints
 # ----------------------------------------------------------------------------------------------------
-def vector_env(recipes: list, async_envs: Optional[bool]) -> gym.vector.VectorEnv:
+def vector_env(recipes: list, async_envs: bool) -> gym.vector.VectorEnv:
     """The envs of the recipes stepped as one: one after another in this process (SyncVectorEnv), or each in
     a process of its own (AsyncVectorEnv), which pays for slow envs on a machine with a core per env to spare.
-    async_envs None: async when there is such a core. An async env answers checkpoints from its own process."""
-    if async_envs is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        async_envs = cores > len(recipes)
+    An async env answers checkpoints from its own process."""
     if not async_envs:
         return gym.vector.SyncVectorEnv(recipes)
     return gym.vector.AsyncVectorEnv([functools.partial(answering_checkpoints, recipe) for recipe in recipes])
@@ -848,7 +848,7 @@ def envs_state(envs: gym.vector.VectorEnv) -> dict:
 
 
 def restore_envs(envs: gym.vector.VectorEnv, state: dict, pending: np.ndarray,
-                 async_envs: Optional[bool]) -> tuple[gym.vector.VectorEnv, bool]:
+                 async_envs: bool) -> tuple[gym.vector.VectorEnv, bool]:
     """The envs to continue with, and whether they are the saved ones (else new ones, to be reset).
 
     envs: new, unused envs (closed here if the saved ones replace them); pending: the envs whose episode ended
