@@ -553,8 +553,9 @@ def test_the_step_that_only_resets_an_env_is_never_trained_on(cut_run):
     assert resets >= 3  # the test saw reset steps to leave out
 
 
-def test_a_nan_loss_stops_the_run_before_the_bad_update_is_applied(ppo, monkeypatch):
-    # The third minibatch's loss is NaN: training stops, and the parameters are those after the second step.
+def run_with_a_nan_loss(ppo, monkeypatch, match: str, **kw) -> tuple[dict, list[dict]]:
+    """Train with the third minibatch's loss NaN, until the run stops; returns the agent's final parameters and
+    its parameters after every optimizer step."""
     agents, after_step, loss_calls = [], [], []
     init, ppo_loss = ppo.Agent.__init__, ppo.ppo_loss
     monkeypatch.setattr(ppo.Agent, "__init__", lambda self, envs: init(self, envs) or agents.append(self))
@@ -568,12 +569,17 @@ def test_a_nan_loss_stops_the_run_before_the_bad_update_is_applied(ppo, monkeypa
     handle = register_optimizer_step_post_hook(
         lambda optimizer, args, kwargs: after_step.append(copy.deepcopy(agents[0].state_dict())))
     try:
-        with pytest.raises(ppo.TrainingDiverged, match="the loss became nan"):
-            ppo.train(tiny(ppo))
+        with pytest.raises(ppo.TrainingDiverged, match=match):
+            ppo.train(tiny(ppo, **kw))
     finally:
         handle.remove()
+    return agents[0].state_dict(), after_step
+
+
+def test_a_nan_loss_stops_the_run_before_the_bad_update_is_applied(ppo, monkeypatch):
+    # The third minibatch's loss is NaN: training stops, and the parameters are those after the second step.
+    state, after_step = run_with_a_nan_loss(ppo, monkeypatch, "the loss became nan")
     assert len(after_step) == 2  # two good steps, and no third
-    state = agents[0].state_dict()
     assert all(torch.equal(state[k], after_step[-1][k]) for k in state)
 
 
@@ -651,24 +657,7 @@ def test_on_a_gpu_a_nan_loss_is_skipped_by_adam_and_stops_the_run(ppo, monkeypat
     # No host sync per minibatch: fused Adam skips the bad step and every later one, and the update's logs
     # stop the run. The parameters are those after the last good step.
     deferred(ppo, monkeypatch)
-    agents, after_step, loss_calls = [], [], []
-    init, ppo_loss = ppo.Agent.__init__, ppo.ppo_loss
-    monkeypatch.setattr(ppo.Agent, "__init__", lambda self, envs: init(self, envs) or agents.append(self))
-
-    def nan_on_the_third(*a, **kw):
-        loss, stats = ppo_loss(*a, **kw)
-        loss_calls.append(1)
-        return (loss * float("nan") if len(loss_calls) == 3 else loss), stats
-
-    monkeypatch.setattr(ppo, "ppo_loss", nan_on_the_third)
-    handle = register_optimizer_step_post_hook(
-        lambda optimizer, args, kwargs: after_step.append(copy.deepcopy(agents[0].state_dict())))
-    try:
-        with pytest.raises(ppo.TrainingDiverged, match="in update 1 "):
-            ppo.train(tiny(ppo, total_timesteps=4 * 48))
-    finally:
-        handle.remove()
-    state = agents[0].state_dict()
+    state, after_step = run_with_a_nan_loss(ppo, monkeypatch, "in update 1 ", total_timesteps=4 * 48)
     assert len(after_step) > 3  # the steps went on being called, skipped
     for snapshot in after_step[2:]:
         assert all(torch.equal(snapshot[k], after_step[1][k]) for k in state)
