@@ -22,6 +22,7 @@ import functools
 import importlib
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import random
@@ -761,6 +762,11 @@ def vector_env(recipes: list, async_envs: bool) -> gym.vector.VectorEnv:
 
 
 def answering_checkpoints(recipe: Callable[[], gym.Env]) -> gym.Env:
+    if multiprocessing.current_process().name != "MainProcess":
+        # A terminal's Ctrl-C (and a scheduler's SIGTERM to the job) reaches every process of the group: the
+        # env's process leaves it to the training process, which finishes its update and checkpoints.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     env = recipe()
     env.checkpoint_state = functools.partial(env_state, env)  # called in the env's process (envs_state)
     return env
@@ -879,8 +885,9 @@ def saved_args(data: dict) -> Args:
     return Args(**{k: v for k, v in data["args"].items() if k in Args.__dataclass_fields__})
 
 
-def write_results(run_dir: str, args: Args, episodes: dict, global_step: int, elapsed: float) -> dict:
-    """Every finished episode to episodes.csv and the run's totals to summary.json, in the run folder.
+def write_results(run_dir: str, args: Args, episodes: dict, global_step: int, elapsed: float, ended: bool) -> dict:
+    """Every finished episode to episodes.csv and the run's totals to summary.json, in the run folder; ended:
+    whether the run came to its end (no error, no signal).
 
     Plain files that the benchmark suite (or a spreadsheet) reads without TensorBoard.
     """
@@ -891,7 +898,8 @@ def write_results(run_dir: str, args: Args, episodes: dict, global_step: int, el
                           episodes["lengths"]))
     summary = {"script": SCRIPT, "env_id": args.env_id, "seed": args.seed, "global_step": global_step,
                "total_timesteps": args.total_timesteps,
-               "finished": global_step >= args.num_iterations * args.batch_size * args.world_size,  # every update done
+               # Every update done, and none stopped by an error (a NaN loss in the last update) or a signal.
+               "finished": ended and global_step >= args.num_iterations * args.batch_size * args.world_size,
                "time_s": round(elapsed, 3), "sps": round(global_step / max(elapsed, 1e-9), 1),
                "episodes": len(episodes["returns"]),
                "final_return": float(np.mean(episodes["returns"][-100:])) if episodes["returns"] else None}
@@ -1173,7 +1181,8 @@ class Run:
             every = self.args.checkpoint_every and iteration % self.args.checkpoint_every == 0
             minutes = self.args.checkpoint_minutes and \
                 time.time() - self.last_checkpoint >= 60 * self.args.checkpoint_minutes
-            stop, due = self.agree(self.signal is not None, every or minutes)
+            # A signal during the last update changes nothing: the run is complete.
+            stop, due = self.agree(self.signal is not None and iteration < self.args.num_iterations, every or minutes)
             if stop or due:
                 self.checkpoint()
             if stop:
@@ -1213,8 +1222,10 @@ class Run:
         return self.elapsed_before + time.time() - self.start_time
 
     def check_batch(self, n_transitions: int) -> None:
-        if n_transitions < 2 * self.args.num_minibatches:  # a minibatch of one has no advantage std to normalize by
-            raise UsageError(f"this rollout holds only {n_transitions} transitions to learn from (the other steps only "
+        # A minibatch of one has no advantage std to normalize by. Every rank stops, not only the short one.
+        if self.agree(n_transitions < 2 * self.args.num_minibatches)[0]:
+            held = f"only {n_transitions}" if self.world_size == 1 else f"too few (this rank's: {n_transitions})"
+            raise UsageError(f"this rollout holds {held} transitions to learn from (the other steps only "
                              f"reset an env after its episode ended), too few for --num-minibatches "
                              f"{self.args.num_minibatches}; use fewer minibatches or a larger --num-steps")
 
@@ -1283,6 +1294,9 @@ class Run:
 
     def checkpoint(self) -> Optional[str]:
         """Write runs/<run>/checkpoint.pt: all a resumed run needs to go on as an uninterrupted one would."""
+        if self.unread is not None:  # on a GPU: this update's logs first (and its loss checked), then the file
+            unread, self.unread = self.unread, None
+            self.read(unread)
         # Parameters and optimizer are the same on every rank; envs and random streams are each rank's own.
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         rank_state = {"envs": envs_state(self.envs), "next_obs": self.obs[-1].cpu().numpy(),
@@ -1322,19 +1336,25 @@ class Run:
     def __exit__(self, kind, error, traceback) -> None:
         for signum, handler in self.handlers.items():
             signal.signal(signum, handler)
-        if self.progress is not None:
-            self.progress.close()
-        if self.envs is not None:
-            self.envs.close()
-        if self.main and self.logger is not None:
-            self.logger.close()
-            summary = write_results(self.run_dir, self.args, self.episodes, self.global_step, self.elapsed())
-            if error is None or isinstance(error, KeyboardInterrupt):
-                self.progress.say(self.closing_line(summary))
-        if self.world_size > 1:
-            if error is None:
-                dist.barrier()  # no rank tears down the process group while another still uses it
-            dist.destroy_process_group()
+        try:
+            if self.progress is not None:
+                self.progress.close()
+            if self.main and self.logger is not None:  # the logs and result files first: nothing below may lose them
+                self.logger.close()
+                finished = error is None and not self.interrupted
+                summary = write_results(self.run_dir, self.args, self.episodes, self.global_step, self.elapsed(),
+                                        finished)
+                if error is None or isinstance(error, KeyboardInterrupt):
+                    self.progress.say(self.closing_line(summary))
+        finally:
+            try:
+                if self.envs is not None:
+                    self.envs.close()
+            finally:
+                if self.world_size > 1:
+                    if error is None:
+                        dist.barrier()  # no rank tears down the process group while another still uses it
+                    dist.destroy_process_group()
 
     def closing_line(self, summary: dict) -> str:
         final = "no episode finished" if summary["final_return"] is None else \

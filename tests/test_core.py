@@ -8,6 +8,7 @@ import collections
 import copy
 import importlib
 import inspect
+import json
 import math
 import os
 
@@ -578,9 +579,11 @@ def run_with_a_nan_loss(ppo, monkeypatch, match: str, **kw) -> tuple[dict, list[
 
 def test_a_nan_loss_stops_the_run_before_the_bad_update_is_applied(ppo, monkeypatch):
     # The third minibatch's loss is NaN: training stops, and the parameters are those after the second step.
-    state, after_step = run_with_a_nan_loss(ppo, monkeypatch, "the loss became nan")
+    # It is the run's only update: the run still did not finish.
+    state, after_step = run_with_a_nan_loss(ppo, monkeypatch, "the loss became nan", total_timesteps=48)
     assert len(after_step) == 2  # two good steps, and no third
     assert all(torch.equal(state[k], after_step[-1][k]) for k in state)
+    assert json.load(open("runs/tiny/summary.json"))["finished"] is False
 
 
 @pytest.mark.parametrize("name", ["ppo_discrete", "ppo_continuous"])
@@ -657,7 +660,9 @@ def test_on_a_gpu_a_nan_loss_is_skipped_by_adam_and_stops_the_run(ppo, monkeypat
     # No host sync per minibatch: fused Adam skips the bad step and every later one, and the update's logs
     # stop the run. The parameters are those after the last good step.
     deferred(ppo, monkeypatch)
-    state, after_step = run_with_a_nan_loss(ppo, monkeypatch, "in update 1 ", total_timesteps=4 * 48)
+    state, after_step = run_with_a_nan_loss(ppo, monkeypatch, "in update 1 ", total_timesteps=4 * 48,
+                                            checkpoint_every=1)
+    assert not os.path.exists("runs/tiny/checkpoint.pt")  # the update's loss is looked at before its checkpoint
     assert len(after_step) > 3  # the steps went on being called, skipped
     for snapshot in after_step[2:]:
         assert all(torch.equal(snapshot[k], after_step[1][k]) for k in state)

@@ -1,6 +1,7 @@
 """Checkpoint, resume and stop details that every script shares, run on each script."""
 
 import importlib
+import json
 import os
 import signal
 import subprocess
@@ -35,6 +36,24 @@ def test_resume_takes_the_checkpoints_options_in_either_form(ppo, form, in_tmp_d
     assert ppo.main(argv + ["--seed", "7"]) == 0
     assert seen[0].learning_rate == 1e-3 and seen[0].total_timesteps == 4096  # the checkpoint's
     assert seen[0].seed == 7  # what was given again
+
+
+def test_a_signal_in_the_last_update_lets_the_run_finish(ppo, in_tmp_dir, monkeypatch):
+    gae, calls = ppo.compute_gae, []
+
+    def ctrl_c_in_the_last(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return gae(*a, **kw)
+
+    monkeypatch.setattr(ppo, "compute_gae", ctrl_c_in_the_last)
+    args = tiny(ppo, save_model=True)
+    args = tiny(ppo, save_model=True, total_timesteps=2 * args.batch_size)
+    result = ppo.train(args)
+    assert not result["interrupted"] and result["global_step"] == args.total_timesteps
+    assert os.path.isfile("runs/tiny/agent.pt")
+    assert json.load(open("runs/tiny/summary.json"))["finished"] is True
 
 
 def test_envs_that_cannot_be_saved_resume_with_new_episodes(ppo, in_tmp_dir, monkeypatch):

@@ -124,6 +124,23 @@ def test_sigterm_writes_the_checkpoint_and_the_results_and_resumes_exactly(in_tm
     assert same_params(straight, torch.load("runs/cut/agent.pt", weights_only=True)["model"])
 
 
+def test_ctrl_c_to_the_whole_process_group_with_async_envs_still_checkpoints(in_tmp_dir):
+    # A terminal's Ctrl-C reaches the env processes too: they leave it to the training process.
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ppo_discrete.py"), "--async-envs", "--env-id",
+                             "Acrobot-v1", "--total-timesteps", "400000", "--num-steps", "64", "--no-progress",
+                             "--run-name", "group"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not glob.glob("runs/group/events.out.tfevents.*") and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert 0 < torch.load("runs/group/checkpoint.pt", weights_only=False)["global_step"] < 400000
+    assert "continue with: python ppo_discrete.py --resume runs/group/checkpoint.pt" in err
+
+
 def test_a_checkpoint_every_few_minutes_by_default(ppo, in_tmp_dir, monkeypatch):
     assert ppo.Args().checkpoint_minutes == 10.0
     clock = [1000.0]
