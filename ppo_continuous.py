@@ -304,7 +304,7 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, terminations: torch
 
 
 # ----------------------------------------------------------------------------------------------------
-# PPO loss, and what to watch while training
+# PPO loss
 # ----------------------------------------------------------------------------------------------------
 def ppo_loss(newlogp: torch.Tensor, oldlogp: torch.Tensor, advantages: torch.Tensor,
              newvalue: torch.Tensor, oldvalue: torch.Tensor, returns: torch.Tensor, entropy: torch.Tensor,
@@ -336,39 +336,6 @@ def ppo_loss(newlogp: torch.Tensor, oldlogp: torch.Tensor, advantages: torch.Ten
     stats = {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(), "entropy": entropy_loss.detach(),
              "logratio": logratio.detach()}
     return loss, stats
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Zero mean and unit std over the whole minibatch (detail 7), one formula for any number of processes:
-    under torchrun the minibatch is the union of every rank's part, and its mean and std come from the
-    count, sum and sum of squares added up over the ranks (all_sum); a plain run is the one-rank case."""
-    sums = all_sum(torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double())
-    n, mean = sums[0], sums[1] / sums[0]
-    std = ((sums[2] - n * mean**2) / (n - 1)).clamp_min(0).sqrt()  # unbiased, as torch.std
-    return ((x - mean) / (std + 1e-8)).to(x.dtype)
-
-
-def policy_shift(logratio: torch.Tensor, clip_coef: float) -> dict[str, torch.Tensor]:
-    """How far the new policy moved from the one that collected the batch, from log(pi_new / pi_old).
-
-    Means over every rank's samples under torchrun, so that all ranks take the same target-KL decision.
-    """
-    with torch.no_grad():
-        w = logratio.exp()
-        sums = all_sum(torch.stack([
-            logratio.new_tensor(logratio.numel()),
-            # KL(old || new) estimators, http://joschu.net/blog/kl-approx.html: the naive -log r and the
-            # unbiased, always non-negative (r - 1) - log r.
-            -logratio.sum(), ((w - 1) - logratio).sum(),
-            ((w - 1.0).abs() > clip_coef).float().sum(),
-            w.sum(), (w**2).sum(),
-        ]))
-        n = sums[0]
-        return {"old_approx_kl": sums[1] / n, "approx_kl": sums[2] / n, "clipfrac": sums[3] / n,
-                # Effective sample size of the importance weights as a fraction of the batch: 1 while
-                # new == old, falling toward 0 as a few samples dominate the gradient estimate.
-                "ess": sums[4] ** 2 / (n * sums[5])}
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -467,6 +434,41 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
             diagnostics = {**dict(zip([*stats, "grad_norm"], torch.stack(mb_stats).mean(0))), **shift}
             run.log_update(diagnostics, explained_variance(b_values[b_inds], b_returns[b_inds]), epochs=epoch + 1)
         return run.result(agent)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers of ppo_loss and train: advantage normalization, how far the policy moved (KL, ESS)
+# ----------------------------------------------------------------------------------------------------
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """Zero mean and unit std over the whole minibatch (detail 7), one formula for any number of processes:
+    under torchrun the minibatch is the union of every rank's part, and its mean and std come from the
+    count, sum and sum of squares added up over the ranks (all_sum); a plain run is the one-rank case."""
+    sums = all_sum(torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double())
+    n, mean = sums[0], sums[1] / sums[0]
+    std = ((sums[2] - n * mean**2) / (n - 1)).clamp_min(0).sqrt()  # unbiased, as torch.std
+    return ((x - mean) / (std + 1e-8)).to(x.dtype)
+
+
+def policy_shift(logratio: torch.Tensor, clip_coef: float) -> dict[str, torch.Tensor]:
+    """How far the new policy moved from the one that collected the batch, from log(pi_new / pi_old).
+
+    Means over every rank's samples under torchrun, so that all ranks take the same target-KL decision.
+    """
+    with torch.no_grad():
+        w = logratio.exp()
+        sums = all_sum(torch.stack([
+            logratio.new_tensor(logratio.numel()),
+            # KL(old || new) estimators, http://joschu.net/blog/kl-approx.html: the naive -log r and the
+            # unbiased, always non-negative (r - 1) - log r.
+            -logratio.sum(), ((w - 1) - logratio).sum(),
+            ((w - 1.0).abs() > clip_coef).float().sum(),
+            w.sum(), (w**2).sum(),
+        ]))
+        n = sums[0]
+        return {"old_approx_kl": sums[1] / n, "approx_kl": sums[2] / n, "clipfrac": sums[3] / n,
+                # Effective sample size of the importance weights as a fraction of the batch: 1 while
+                # new == old, falling toward 0 as a few samples dominate the gradient estimate.
+                "ess": sums[4] ** 2 / (n * sums[5])}
 
 
 # ----------------------------------------------------------------------------------------------------
