@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = ["detail", "scripts", "where", "checked by", "break"]
 MODULES = {"discrete": "ppo_discrete", "continuous": "ppo_continuous", "atari": "ppo_atari"}
 BACKTICKED = re.compile(r"`([^`]+)`")
+TEST_WITH_NOTE = re.compile(r"`(tests/[^`]+)`(?:\s*\(([^)]*)\))?")
 REPLACEMENT = re.compile(r"`([^`]+)` → `([^`]*)`")
 
 
@@ -49,9 +50,15 @@ def modules(row: dict) -> list[str]:
     return [MODULES[s] for s in scripts]
 
 
-def tests_of(row: dict) -> list[str]:
-    """The pytest node ids of the row's `checked by` column."""
-    return BACKTICKED.findall(row["checked by"])
+def tests_of(row: dict, module: str = None) -> list[str]:
+    """The pytest node ids of the row's `checked by` column; with module, only the tests that cover that
+    script (a test followed by a bracket that starts with a script's name covers that script alone)."""
+    tests = []
+    for test, note in TEST_WITH_NOTE.findall(row["checked by"]):
+        only = re.match(r"(discrete|continuous|atari)\b", note)
+        if module is None or only is None or MODULES[only.group(1)] == module:
+            tests.append(test)
+    return tests
 
 
 def replacements(row: dict) -> list[tuple[str, str]]:

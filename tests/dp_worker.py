@@ -6,8 +6,9 @@ Trains through the script's own main() and writes what the rank ends with to OUT
 test can compare the ranks. Environment variables make one rank fail on purpose:
 FAIL_RANK=<r> with FAIL_MODE=env (a bad --env-id on that rank only) or FAIL_MODE=update (an exception
 in the middle of training, while the other ranks wait for its gradients). STOP_AT=<step> ends training
-early (with the learning-rate schedule of the full run), as train(stop_at_step=...) does. GREEDY=1 takes
-the most likely action instead of sampling one.
+early (with the learning-rate schedule of the full run), as train(stop_at_step=...) does. SAME_ACTIONS=1 takes
+the most likely action instead of sampling one (in ppo_continuous.py, the mean plus half a std); FROZEN_STATS=1 keeps ppo_continuous.py's normalization
+statistics at their start. Without torchrun, it trains as one plain process that writes OUT/rank0.pt.
 """
 
 import importlib
@@ -23,9 +24,22 @@ from helpers import register_test_envs  # noqa: E402
 register_test_envs()
 module_name, out, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 ppo = importlib.import_module(module_name)
-rank = int(os.environ["RANK"])
-if os.environ.get("GREEDY"):  # the most likely action instead of a sample: the same actions as one process takes
-    ppo.sample = lambda logits: logits.argmax(-1)
+rank = int(os.environ.get("RANK", "0"))
+if os.environ.get("SAME_ACTIONS"):  # the most likely action instead of a sample: the same actions as one process takes
+    if hasattr(ppo, "sample"):  # the categorical scripts draw every action through sample()
+        ppo.sample = lambda logits: logits.argmax(-1)
+    else:  # ppo_continuous.py: the mean plus half a std (at the mean itself, the mean's policy gradient is 0)
+        act = ppo.Agent.act
+        ppo.Agent.act = lambda agent, obs, deterministic=False: act(agent, obs, True) + 0.5 * agent.actor_logstd.exp()
+if os.environ.get("FROZEN_STATS"):  # each rank's statistics would otherwise see only its own data until merged
+    make_envs = ppo.make_envs
+
+    def frozen(*args, **kwargs):
+        envs = make_envs(*args, **kwargs)
+        ppo.obs_normalizer(envs).update_running_mean = ppo.reward_normalizer(envs).update_running_mean = False
+        return envs
+
+    ppo.make_envs = frozen
 
 if os.environ.get("FAIL_RANK") == str(rank):
     if os.environ["FAIL_MODE"] == "env":

@@ -66,9 +66,9 @@ class LevelEnv(gym.Env):
     """Never ends; each env draws a level u in [0, 1) at reset, from its own seed. Observation [u, t / 100],
     reward u whatever the action: envs seeded apart see different data."""
 
-    def __init__(self):
+    def __init__(self, continuous: bool = False):
         self.observation_space = gym.spaces.Box(0.0, np.inf, (2,), np.float32)
-        self.action_space = gym.spaces.Discrete(2)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32) if continuous else gym.spaces.Discrete(2)
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
@@ -84,6 +84,7 @@ def register_test_envs() -> None:
     if "TestTerminate-v0" in gym.registry:
         return
     gym.register("TestLevels-v0", entry_point=LevelEnv)
+    gym.register("TestLevelsContinuous-v0", entry_point=LevelEnv, kwargs={"continuous": True})
     gym.register("TestClock-v0", entry_point=ClockEnv, max_episode_steps=10)
     gym.register("TestClockContinuous-v0", entry_point=ClockEnv, kwargs={"continuous": True}, max_episode_steps=10)
     # Breakout cut by a time limit of 100 emulator frames (about 17 agent steps after the no-ops and FIRE).

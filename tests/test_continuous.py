@@ -31,6 +31,19 @@ def tiny(**kw) -> ppo.Args:
     return ppo.Args(**{**base, **kw})
 
 
+def test_initialization():
+    agent = ppo.Agent(spaces(box(3), box(2)))
+    # Orthogonal weights scaled by the gain (gain^2 I from the product over the smaller side): sqrt(2) for
+    # the hidden layers, 0.01 for the policy head, 1 for the value head; biases zero.
+    for net, head_gain in ((agent.actor_mean, 0.01), (agent.critic, 1.0)):
+        weights = [m.weight.detach() for m in net if isinstance(m, torch.nn.Linear)]
+        for w, gain in zip(weights, [2**0.5] * (len(weights) - 1) + [head_gain]):
+            gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+            torch.testing.assert_close(gram, gain**2 * torch.eye(len(gram)), atol=1e-5 * gain**2, rtol=0)
+    assert all(not layer.bias.any() for layer in agent.modules() if isinstance(layer, torch.nn.Linear))
+    assert not agent.actor_logstd.any()  # the first policy's std is 1
+
+
 def test_gaussian_log_prob_and_entropy_match_torch_normal():
     torch.manual_seed(0)
     agent = ppo.Agent(spaces(box(5), box(3)))
