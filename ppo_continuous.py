@@ -396,17 +396,19 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
             normalization.merge()  # under torchrun: every rank normalizes with the statistics of all ranks' data
 
             # --- the old policy's log-probs and values, and advantages, in one batched pass ---
+            # The rollout's host arrays go to the device before anything else is queued there: a copy from the
+            # host waits for the device's queue, which is empty now.
+            b_inds = torch.from_numpy(np.flatnonzero(valid[:T])).to(device)  # the transitions, found on the host
+            run.check_batch(len(b_inds))
+            rewards_t, terminations_t, dones_t = (torch.from_numpy(x).to(device)
+                                                  for x in (rewards, terminations, dones))
             b_obs, b_actions = obs[:-1].flatten(0, 1), actions.flatten(0, 1)
             with torch.no_grad():
                 _, b_logprobs, _, b_values = agent.get_action_and_value(b_obs, b_actions)
                 values = torch.cat([b_values, agent.get_value(obs[T])]).view(T + 1, N)
-                advantages = compute_gae(torch.from_numpy(rewards).to(device), values,
-                                         torch.from_numpy(terminations).to(device), torch.from_numpy(dones).to(device),
-                                         args.gamma, args.gae_lambda)
+                advantages = compute_gae(rewards_t, values, terminations_t, dones_t, args.gamma, args.gae_lambda)
                 b_advantages = advantages.reshape(-1)
                 b_returns = b_advantages + b_values
-            b_inds = torch.from_numpy(np.flatnonzero(valid[:T])).to(device)  # the transitions, found on the host
-            run.check_batch(len(b_inds))
 
             # --- K epochs of minibatch Adam on the batch ---
             mb_stats = []
@@ -1138,7 +1140,8 @@ class Run:
         self.global_step, self.first_iteration, self.elapsed_before = 0, 1, 0.0
         self.envs = self.logger = self.progress = None
         self.signal, self.handlers, self.interrupted, self.checkpoint_path = None, {}, False, None
-        # On a GPU, nothing waits for the device but the copy of the actions to the envs at every step.
+        # On a GPU, the host waits for the device only at the copy of the actions to the envs at every step
+        # (and, with --target-kl, for the KL that decides each further epoch).
         self.deferred, self.unread, self.update_times = self.device.type == "cuda", None, []
 
     def __enter__(self) -> "Run":
