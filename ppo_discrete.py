@@ -724,7 +724,7 @@ def check_autoreset(envs: gym.vector.VectorEnv) -> None:
 # differ on resume, and so may --total-timesteps; every other change is refused.
 FREE_ON_RESUME = ("progress", "track", "wandb_project_name", "wandb_entity", "checkpoint_every", "checkpoint_minutes",
                   "resume", "eval_checkpoint", "eval_episodes", "eval_seed", "eval_deterministic", "exp_name",
-                  "run_name", "async_envs", "total_timesteps")
+                  "run_name", "async_envs", "total_timesteps", "save_model")
 CHECKPOINT_FORMAT = 2
 
 
@@ -1220,7 +1220,7 @@ class Run:
     def on_signal(self, signum, frame) -> None:
         # The first Ctrl-C or SIGTERM lets the update finish, then a checkpoint is written; a second one quits at once.
         if self.signal is not None:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(signum)  # main() exits with 128 + signum, as the signal itself would
         self.signal = signum
         if self.main:
             self.progress.warn(f"{SIGNAL_NAMES[signum]}: finishing this update, then writing a checkpoint "
@@ -1499,9 +1499,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + (e.args[0] if e.args else signal.SIGINT)
     return 128 + result["signal"] if result["interrupted"] else 0
 
 

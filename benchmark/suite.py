@@ -1,6 +1,6 @@
 """Benchmark suite: every env of a suite over several seeds, runs in parallel, resumable; then the report.
 
-    python benchmark/suite.py classic                  # CartPole, Acrobot, MountainCar: 3 seeds of 500k steps
+    python benchmark/suite.py classic                  # CartPole, Acrobot, MountainCar, LunarLander: 3 seeds of 500k
     python benchmark/suite.py mujoco --envs Hopper-v5 Walker2d-v5 --seeds 5
     python benchmark/suite.py classic --total-timesteps 50000 --out /tmp/bench    # a quick look on a small machine
     python benchmark/suite.py classic --report-only    # rewrite the report from the runs already there

@@ -3,6 +3,7 @@ cluster, resume that refuses to change the run, logs that continue, evaluation, 
 
 import glob
 import importlib
+import json
 import os
 import re
 import signal
@@ -124,6 +125,26 @@ def test_sigterm_writes_the_checkpoint_and_the_results_and_resumes_exactly(in_tm
     assert same_params(straight, torch.load("runs/cut/agent.pt", weights_only=True)["model"])
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_signal_quits_at_once_with_the_signal_s_status_and_the_results(in_tmp_dir, signum):
+    # One update of 4,000 minibatch steps (seconds long): both signals land in it, so the second one
+    # interrupts the update instead of waiting for its end.
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ppo_discrete.py"), "--update-epochs", "1000",
+                             "--no-progress", "--run-name", "twice"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not glob.glob("runs/twice/events.out.tfevents.*") and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signum)
+    time.sleep(0.5)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert "again quits at once" in err and "interrupted" in err, err[-3000:]
+    assert json.load(open("runs/twice/summary.json"))["finished"] is False
+
+
 def test_ctrl_c_to_the_whole_process_group_with_async_envs_still_checkpoints(in_tmp_dir):
     # A terminal's Ctrl-C reaches the env processes too: they leave it to the training process.
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ppo_discrete.py"), "--async-envs", "--env-id",
@@ -182,8 +203,9 @@ def test_resume_refuses_an_option_that_changes_the_run(ppo, checkpoint, option, 
 def test_resume_allows_what_only_watches_the_run_and_a_longer_budget(ppo, checkpoint, capsys):
     total = 6 * tiny_args(ppo).batch_size
     assert ppo.main(["--resume", checkpoint, "--no-progress", "--checkpoint-every", "2", "--checkpoint-minutes", "5",
-                     "--total-timesteps", str(total)]) == 0
+                     "--total-timesteps", str(total), "--save-model"]) == 0
     assert torch.load(checkpoint, weights_only=False)["global_step"] == total
+    assert os.path.exists(os.path.join(os.path.dirname(checkpoint), "agent.pt"))
     assert ppo.main(["--resume", checkpoint, "--total-timesteps", str(2 * tiny_args(ppo).batch_size)]) == 2
     assert "less than the" in capsys.readouterr().err
 
