@@ -188,9 +188,9 @@ def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym
     probe = make_env(args.env_id, 0)()
     masked = args.action_masks and "action_mask" in probe.reset(seed=0)[1]
     # CartPole also comes as a numpy-native vector env that steps all copies at once, several times faster
-    # than N envs one by one. It bypasses make_env, so it is used only while make_env adds nothing to gym.make.
+    # than N envs one by one. It bypasses make_env, so it is used only while make_env makes what gym.make does.
     if video_dir is None and not args.async_envs and gym.spec(args.env_id.split(":")[-1]).vector_entry_point \
-            and same_wrappers(probe, gym.make(args.env_id)):
+            and made_alike(probe, gym.make(args.env_id)):
         envs = gym.make_vec(args.env_id, num_envs=num_envs, vectorization_mode="vector_entry_point")
     else:
         envs = vector_env(recipes, args.async_envs)  # one after another in this process, or each in its own
@@ -492,14 +492,15 @@ def needs_flattening(space: gym.Space) -> bool:
     return space.is_np_flattenable
 
 
-def same_wrappers(env: gym.Env, other: gym.Env) -> bool:
+def made_alike(env: gym.Env, other: gym.Env) -> bool:
+    """Whether env was made as other: the same wrappers, and the same arguments to gym.make."""
     kinds = [[], []]
     for kind, e in zip(kinds, (env, other)):
         e.close()
         while isinstance(e, gym.Wrapper):
             kind.append(type(e))
             e = e.env
-    return kinds[0] == kinds[1]
+    return kinds[0] == kinds[1] and env.spec == other.spec
 
 
 class MaskFromObservation(gym.ObservationWrapper):

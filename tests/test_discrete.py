@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import gymnasium
 import numpy as np
 import pytest
 import torch
@@ -344,3 +345,35 @@ def test_health_warnings_are_one_line_per_kind():
         ppo.Health(quiet, None).check({**good, "losses/explained_variance": -1.0}, step, late=False)
         ppo.Health(quiet, None).check({**good, "losses/explained_variance": -1.0}, step, late=True, returns_vary=False)
     assert quiet.lines == []
+
+
+# ------------------------------------------------------------------------------ make_env, the one place for a wrapper
+def test_a_wrapper_added_in_make_env_applies_to_every_training_env(monkeypatch, in_tmp_dir):
+    # CartPole's native vector env bypasses make_env: it must step aside once make_env adds a wrapper.
+    steps = []
+
+    class Counting(gymnasium.Wrapper):
+        def step(self, action):
+            steps.append(action)
+            return self.env.step(action)
+
+    make_env = ppo.make_env
+    monkeypatch.setattr(ppo, "make_env", lambda *a, **kw: (lambda: Counting(make_env(*a, **kw)())))
+    result = ppo.train(tiny())
+    # Every step of the run went through the wrapper, but the steps that only reset an ended episode.
+    assert result["global_step"] - len(result["episodes"]["returns"]) <= len(steps) <= result["global_step"]
+
+
+def test_arguments_added_to_gym_make_in_make_env_apply_to_every_training_env(monkeypatch, in_tmp_dir):
+    # The same wrappers as gym.make(env_id) gives, but another time limit: the native vector env, which
+    # would keep CartPole's 500 steps, must step aside as well.
+    monkeypatch.setattr(ppo, "make_env", lambda env_id, idx, video_dir=None: (
+        lambda: gymnasium.make(env_id, max_episode_steps=5)))
+    result = ppo.train(tiny())
+    assert result["episodes"]["lengths"] and max(result["episodes"]["lengths"]) <= 5
+
+
+def test_cartpole_as_it_comes_steps_in_its_numpy_native_vector_env():
+    envs = ppo.make_envs(ppo.Args(), 4)
+    assert type(envs.unwrapped).__name__ == "CartPoleVectorEnv"  # several times faster than 4 envs one by one
+    envs.close()
