@@ -69,4 +69,4 @@ def train_and_record(args, stop_at_step=None):
 
 
 ppo.train = train_and_record
-sys.exit(ppo.main(argv))
+ppo.exit_with(ppo.main(argv))
