@@ -439,7 +439,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Helpers of ppo_loss and train: advantage normalization, how far the policy moved (KL, ESS)
+# Helpers: advantage normalization (ppo_loss), how far the policy moved (train)
 # ----------------------------------------------------------------------------------------------------
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """Zero mean and unit std over the whole minibatch (detail 7), one formula for any number of processes:
@@ -1141,7 +1141,8 @@ class Run:
         self.envs = self.logger = self.progress = None
         self.signal, self.handlers, self.interrupted, self.checkpoint_path = None, {}, False, None
         # On a GPU, the host waits for the device only at the copy of the actions to the envs at every step
-        # (and, with --target-kl, for the KL that decides each further epoch).
+        # (and, with --target-kl, for the KL that decides each further epoch; under torchrun, where the
+        # ranks agree after each update).
         self.deferred, self.unread, self.update_times = self.device.type == "cuda", None, []
 
     def __enter__(self) -> "Run":

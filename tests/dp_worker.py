@@ -6,9 +6,10 @@ Trains through the script's own main() and writes what the rank ends with to OUT
 test can compare the ranks. Environment variables make one rank fail on purpose:
 FAIL_RANK=<r> with FAIL_MODE=env (a bad --env-id on that rank only) or FAIL_MODE=update (an exception
 in the middle of training, while the other ranks wait for its gradients). STOP_AT=<step> ends training
-early (with the learning-rate schedule of the full run), as train(stop_at_step=...) does. SAME_ACTIONS=1 takes
-the most likely action instead of sampling one (in ppo_continuous.py, the mean plus half a std); FROZEN_STATS=1 keeps ppo_continuous.py's normalization
-statistics at their start. Without torchrun, it trains as one plain process that writes OUT/rank0.pt.
+early (with the learning-rate schedule of the full run), as train(stop_at_step=...) does.
+SAME_ACTIONS=1 takes the most likely action instead of sampling one (in ppo_continuous.py, the mean plus
+half a std); FROZEN_STATS=1 keeps ppo_continuous.py's normalization statistics at their start. Without
+torchrun, it trains as one plain process that writes OUT/rank0.pt.
 """
 
 import importlib

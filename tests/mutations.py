@@ -110,9 +110,18 @@ def case_id(row: dict, script: str = None) -> str:
 
 
 def check_all(todo: list[tuple[dict, str]], jobs: int = 1):
-    """check() each (row, script) case, `jobs` at a time; yields (case, its result) as each one ends."""
+    """check() each (row, script) case, `jobs` at a time; yields (case, its result) as each one ends. A case
+    that cannot run (its break no longer applies, pytest cannot start, a timeout) counts as not caught,
+    with the reason, and the others go on."""
+    def safe_check(row, script):
+        start = time.time()
+        try:
+            return check(row, script)
+        except Exception as e:  # noqa: BLE001 -- reported as this case's result
+            return False, time.time() - start, f"could not run: {type(e).__name__}: {str(e).splitlines()[0]}"
+
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:  # the work is in pytest subprocesses
-        futures = {pool.submit(check, row, script): (row, script) for row, script in todo}
+        futures = {pool.submit(safe_check, row, script): (row, script) for row, script in todo}
         for future in concurrent.futures.as_completed(futures):
             yield futures[future], future.result()
 

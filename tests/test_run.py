@@ -127,21 +127,25 @@ def test_sigterm_writes_the_checkpoint_and_the_results_and_resumes_exactly(in_tm
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_second_signal_quits_at_once_with_the_signal_s_status_and_the_results(in_tmp_dir, signum):
-    # One update of 4,000 minibatch steps (seconds long): both signals land in it, so the second one
-    # interrupts the update instead of waiting for its end.
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ppo_discrete.py"), "--update-epochs", "1000",
+    # One update of 400,000 minibatch steps (minutes long on any machine): the second signal, sent once
+    # the first one is acknowledged, interrupts the update instead of waiting for its end.
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ppo_discrete.py"), "--update-epochs", "100000",
                              "--no-progress", "--run-name", "twice"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 120
     while not glob.glob("runs/twice/events.out.tfevents.*") and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(1.0)
+    time.sleep(0.5)  # the handlers are set just after the log folder is made
     proc.send_signal(signum)
-    time.sleep(0.5)
+    seen = []
+    while not any("again quits at once" in line for line in seen):
+        line = proc.stderr.readline()
+        assert line, "".join(seen)[-3000:]
+        seen.append(line)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err[-3000:]
-    assert "again quits at once" in err and "interrupted" in err, err[-3000:]
+    assert "interrupted" in err, err[-3000:]
     assert json.load(open("runs/twice/summary.json"))["finished"] is False
 
 
