@@ -15,21 +15,24 @@ learning, FIRE on reset, reward sign clipping, 84x84 grayscale, 4 stacked frames
 by actor and critic, and inputs scaled to [0, 1].
 """
 
-import csv
+import contextlib
 import dataclasses
-import difflib
 import functools
 import importlib
+import io
 import json
 import math
 import multiprocessing
 import os
 import pickle
 import random
+import secrets
+import shutil
 import signal
 import sys
 import threading
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -44,19 +47,18 @@ import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
 
-SCRIPT = "ppo_atari"
 gym.register_envs(ale_py)  # the ROMs ship inside the ale-py wheel: ALE/<Game>-v5 and <Game>NoFrameskip-v4
 
 
 @dataclass
 class Args:
     # --- experiment ---
-    exp_name: str = SCRIPT
-    """name of the experiment, part of the run name"""
+    exp_name: str = os.path.basename(__file__).removesuffix(".py")
+    """name of the experiment, part of the run name (default: this file's name)"""
     seed: int = 1
     """random seed; env i is seeded with seed + i (under torchrun rank r: seed + r, its envs seed + r * num_envs + i)"""
     run_name: Optional[str] = None
-    """folder name under runs/ and videos/ (default: <env_id>__<exp_name>__<seed>__<unix time>)"""
+    """folder name under runs/ and videos/, a new one (default: <env_id>__<exp_name>__<seed>__<unix time>_<random>)"""
     torch_deterministic: bool = True
     """ask torch for deterministic kernels (the same seed then gives the same numbers)"""
     cuda: bool = True
@@ -84,7 +86,8 @@ class Args:
     checkpoint_minutes: float = 10.0
     """also write it when this many minutes passed since the last one (0: off): a killed run loses at most that"""
     resume: Optional[str] = None
-    """continue training from this checkpoint file; its options are the defaults"""
+    """continue training from this checkpoint; its options are the defaults. It holds the envs pickled, and resuming
+    runs code from it: resume only your own runs (share agent.pt, which loads without running any)"""
     eval_checkpoint: Optional[str] = None
     """evaluate this saved agent or checkpoint instead of training, then exit"""
     eval_episodes: int = 10
@@ -154,6 +157,10 @@ class Args:
         return self.total_timesteps // (self.batch_size * self.world_size)
 
 
+FAMILY = "atari"  # the env family of this script's saved agents: another script refuses them
+OPTION_RULES = {"sticky_actions": (lambda v: 0 <= v < 1, "in [0, 1) (0.25 is ALE v5's default)")}  # beside Part B's RULES
+
+
 # ----------------------------------------------------------------------------------------------------
 # Environments
 # ----------------------------------------------------------------------------------------------------
@@ -211,6 +218,12 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
     nn.init.orthogonal_(layer.weight, std)
     nn.init.constant_(layer.bias, bias_const)
     return layer
+
+
+def sample(logits: torch.Tensor) -> torch.Tensor:
+    # Gumbel-max trick: argmax(logits + Gumbel noise) is an exact sample of softmax(logits), and
+    # -log(Exp(1)) is Gumbel noise. Much cheaper than building a Categorical every step.
+    return (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
 
 
 # Frames stay uint8 (1 byte per pixel) in the rollout buffer and in evaluation; the network scales them.
@@ -301,6 +314,12 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, terminations: torch
 # ----------------------------------------------------------------------------------------------------
 # PPO loss
 # ----------------------------------------------------------------------------------------------------
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """Zero mean and unit std over the minibatch (detail 7); under torchrun over every rank's part of it together."""
+    mean, std = mean_std(x)  # in float64
+    return ((x - mean) / (std + 1e-8)).to(x.dtype)
+
+
 def ppo_loss(newlogp: torch.Tensor, oldlogp: torch.Tensor, advantages: torch.Tensor,
              newvalue: torch.Tensor, oldvalue: torch.Tensor, returns: torch.Tensor, entropy: torch.Tensor,
              clip_coef: float, vf_coef: float, ent_coef: float, norm_adv: bool = True, clip_vloss: bool = True,
@@ -336,6 +355,39 @@ def ppo_loss(newlogp: torch.Tensor, oldlogp: torch.Tensor, advantages: torch.Ten
 # ----------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------
+def policy_shift(logratio: torch.Tensor, clip_coef: float) -> dict[str, torch.Tensor]:
+    """How far the new policy moved from the one that collected the batch, from log(pi_new / pi_old).
+
+    Means over every rank's samples under torchrun, so that all ranks take the same target-KL decision.
+    """
+    with torch.no_grad():
+        w = logratio.exp()
+        sums = all_sum(torch.stack([
+            logratio.new_tensor(logratio.numel()),
+            # KL(old || new) estimators, http://joschu.net/blog/kl-approx.html: the naive -log r and the
+            # unbiased, always non-negative (r - 1) - log r.
+            -logratio.sum(), ((w - 1) - logratio).sum(),
+            ((w - 1.0).abs() > clip_coef).float().sum(),
+            w.sum(), (w**2).sum(),
+        ]))
+        n = sums[0]
+        return {"old_approx_kl": sums[1] / n, "approx_kl": sums[2] / n, "clipfrac": sums[3] / n,
+                # Effective sample size of the importance weights as a fraction of the batch: 1 while
+                # new == old, falling toward 0 as a few samples dominate the gradient estimate.
+                "ess": sums[4] ** 2 / (n * sums[5])}
+
+
+def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
+    """[1 - Var(returns - values) / Var(returns), whether the returns vary enough for it to say anything]: how well
+    the critic predicts, over every rank's batch. A tensor, read with the update's other diagnostics."""
+    y, e = y_true.double(), (y_true - y_pred).double()
+    n, sy, syy, se, see, sabs = all_sum(torch.stack([y.new_tensor(y.numel()), y.sum(), (y**2).sum(), e.sum(),
+                                                     (e**2).sum(), y.abs().sum()]))
+    var_y, var_e = (syy - sy**2 / n) / (n - 1).clamp_min(1), (see - se**2 / n) / (n - 1).clamp_min(1)
+    ev = torch.where(var_y > 0, 1 - var_e / var_y, torch.nan)
+    return torch.stack([ev, ((var_y > 0) & (var_y.sqrt() > 0.05 * sabs / n)).double()]).float()
+
+
 def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
     """Train PPO; returns the agent, its run folder and the episodes seen ({"returns", "lengths", "steps", "times"}).
 
@@ -345,7 +397,6 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
     with Run(args, stop_at_step) as run:  # checks the options, joins torchrun, seeds the random streams
         device = run.device
         envs = make_envs(args, args.num_envs, run.video_dir)
-        check_spaces(args.env_id, envs)
         agent = Agent(envs).to(device)
         # Listed once: walking the module tree costs about 0.1 ms, paid twice per minibatch otherwise.
         params = list(agent.parameters())
@@ -401,7 +452,6 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
             # The rollout's host arrays go to the device before anything else is queued there: a copy from the
             # host waits for the device's queue, which is empty now.
             b_inds = torch.from_numpy(np.flatnonzero(valid[:T])).to(device)  # the transitions, found on the host
-            run.check_batch(len(b_inds))
             rewards_t, terminations_t, dones_t = (torch.from_numpy(x).to(device)
                                                   for x in (rewards, terminations, dones))
             b_obs, b_actions = obs[:-1].flatten(0, 1), actions.flatten(0, 1)
@@ -443,47 +493,6 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Helpers: advantage normalization (ppo_loss), how far the policy moved (train), sampling (Agent)
-# ----------------------------------------------------------------------------------------------------
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Zero mean and unit std over the whole minibatch (detail 7), one formula for any number of processes:
-    under torchrun the minibatch is the union of every rank's part, and its mean and std come from the
-    count, sum and sum of squares added up over the ranks (all_sum); a plain run is the one-rank case."""
-    sums = all_sum(torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double())
-    n, mean = sums[0], sums[1] / sums[0]
-    std = ((sums[2] - n * mean**2) / (n - 1)).clamp_min(0).sqrt()  # unbiased, as torch.std
-    return ((x - mean) / (std + 1e-8)).to(x.dtype)
-
-
-def policy_shift(logratio: torch.Tensor, clip_coef: float) -> dict[str, torch.Tensor]:
-    """How far the new policy moved from the one that collected the batch, from log(pi_new / pi_old).
-
-    Means over every rank's samples under torchrun, so that all ranks take the same target-KL decision.
-    """
-    with torch.no_grad():
-        w = logratio.exp()
-        sums = all_sum(torch.stack([
-            logratio.new_tensor(logratio.numel()),
-            # KL(old || new) estimators, http://joschu.net/blog/kl-approx.html: the naive -log r and the
-            # unbiased, always non-negative (r - 1) - log r.
-            -logratio.sum(), ((w - 1) - logratio).sum(),
-            ((w - 1.0).abs() > clip_coef).float().sum(),
-            w.sum(), (w**2).sum(),
-        ]))
-        n = sums[0]
-        return {"old_approx_kl": sums[1] / n, "approx_kl": sums[2] / n, "clipfrac": sums[3] / n,
-                # Effective sample size of the importance weights as a fraction of the batch: 1 while
-                # new == old, falling toward 0 as a few samples dominate the gradient estimate.
-                "ess": sums[4] ** 2 / (n * sums[5])}
-
-
-def sample(logits: torch.Tensor) -> torch.Tensor:
-    # Gumbel-max trick: argmax(logits + Gumbel noise) is an exact sample of softmax(logits), and
-    # -log(Exp(1)) is Gumbel noise. Much cheaper than building a Categorical every step.
-    return (logits - torch.empty_like(logits).exponential_().log()).argmax(-1)
-
-
-# ----------------------------------------------------------------------------------------------------
 # make_env's wrapper: FIRE at the start of a game and after a lost life
 # ----------------------------------------------------------------------------------------------------
 class FireOnReset(gym.Wrapper):
@@ -520,14 +529,13 @@ class FireOnReset(gym.Wrapper):
 # ----------------------------------------------------------------------------------------------------
 # What Part B needs of this script's envs: checks, checkpoints, the statistics saved with the agent
 # ----------------------------------------------------------------------------------------------------
-def check_spaces(env_id: str, envs: gym.vector.VectorEnv) -> None:
-    """Refuse, in one line, an env whose spaces this script cannot learn."""
-    act, obs = envs.single_action_space, envs.single_observation_space
-    if not isinstance(act, gym.spaces.Discrete):
-        raise UsageError(f"--env-id {env_id} has a {type(act).__name__} action space; this script needs Discrete "
-                         "actions")
-    if not isinstance(obs, gym.spaces.Box) or obs.shape != (4, 84, 84):
-        raise UsageError(f"--env-id {env_id} gives observations {obs} after preprocessing, not 4 stacked 84x84 frames")
+def check_env(env_id: str) -> None:
+    """Refuse, in one line, an id that is not an Atari game, and name the scripts that train it."""
+    env = gym.make(env_id)
+    env.close()
+    if not isinstance(env.unwrapped, ale_py.AtariEnv):
+        raise UsageError(f"--env-id {env_id} is not an Atari game; train it with ppo_discrete.py (discrete actions) "
+                         "or ppo_continuous.py (continuous actions)")
 
 
 def env_state(env: gym.Env) -> dict:
@@ -561,330 +569,278 @@ def load_env_stats(envs: gym.vector.VectorEnv, stats: dict) -> None:
 # ====================================================================================================
 # Part B: running the experiment
 #
-# Everything below runs the experiment around train(): option checks, torchrun, seeding, resume, the
-# run folder, logs, progress, health warnings, checkpoints, signals, result files, evaluation of a
-# saved agent and main(). None of it changes a number that PPO computes (under torchrun, all_sum and
-# average_gradients make the ranks one agent). It is the same text in all three scripts, and a test
-# keeps it so: what differs by environment family comes in through the hooks of Part A (make_envs,
-# check_spaces, env_state, restore_env_state, env_stats, load_env_stats, OBS_DTYPE) and the Agent's methods.
+# Everything below runs the experiment around train() and changes no number PPO computes: option checks, torchrun,
+# resume, the run folder, logs, progress, health warnings, checkpoints, signals, crashes, evaluation of a saved agent
+# and main(). It is the same text in all three scripts (a test keeps it so); what differs by env family comes from
+# Part A: FAMILY, OPTION_RULES, check_env, make_envs, env_state, restore_env_state, env_stats, load_env_stats,
+# OBS_DTYPE and the Agent.
 # ====================================================================================================
+SCRIPT = os.path.basename(__file__)  # messages and resume commands name this file, so a copy names itself
+
+
 class UsageError(Exception):
-    """Bad input from the user: printed as one line, never as a traceback."""
+    """Bad input, found before training starts: one line on stderr, exit status 2."""
 
 
-class TrainingDiverged(Exception):
-    """The loss became NaN or infinite: training stops instead of learning from garbage."""
+class RunError(Exception):
+    """A fault that stops a run (a NaN loss, an env at fault, a full disk): one line on stderr, exit status 1."""
 
 
-# ----------------------------------------------------------------------------------------------------
-# Checks of the options, before anything is built
-# ----------------------------------------------------------------------------------------------------
+def first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# --- checks before anything is built ------------------------------------------------------------------------
+POSITIVE, AT_LEAST_0 = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "0 or more")
+RULES = {  # what the options of every script must be; Part A's OPTION_RULES adds the family's own
+    **dict.fromkeys(("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
+                     "clip_coef", "max_grad_norm", "target_kl", "eval_episodes"), POSITIVE),
+    **dict.fromkeys(("ent_coef", "vf_coef", "checkpoint_every", "checkpoint_minutes", "eval_seed"), AT_LEAST_0),
+    **dict.fromkeys(("gamma", "gae_lambda"), (lambda v: 0 <= v <= 1, "in [0, 1]")),
+    "seed": (lambda v: 0 <= v < 2**31, "in [0, 2**31)"),  # numpy's seeds end at 2**32, and evaluation adds 1e9
+    "torch_threads": (lambda v: 0 <= v <= os.cpu_count(), f"in [0, {os.cpu_count()}], the cores here (0: all)"),
+}
+
+
 def check_args(args: Args) -> None:
-    """Refuse bad options before anything is built, in one line naming the value and what would work."""
-    for field in dataclasses.fields(args):
-        value = getattr(args, field.name)
+    """Refuse bad options and envs before anything is built, in one line naming the value and what would work."""
+    for name, value in asdict(args).items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"{flag(field.name)} is {value}; it must be a finite number")
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"{flag(name)} is {getattr(args, name)}; it must be a positive integer")
-    for name in ("learning_rate", "clip_coef", "max_grad_norm", "clip_obs", "clip_reward"):
-        if hasattr(args, name) and not getattr(args, name) > 0:
-            raise UsageError(f"{flag(name)} is {getattr(args, name)}; it must be positive")
-    for name in ("gamma", "gae_lambda"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise UsageError(f"{flag(name)} is {getattr(args, name)}; it must lie in [0, 1] (typical: 0.99, 0.95)")
-    for name in ("ent_coef", "vf_coef", "checkpoint_every", "checkpoint_minutes", "torch_threads"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"{flag(name)} is {getattr(args, name)}; it must be 0 or more")
-    if getattr(args, "sticky_actions", None) is not None and not 0.0 <= args.sticky_actions < 1.0:
-        raise UsageError(f"--sticky-actions is {args.sticky_actions}; it must lie in [0, 1) (0.25 is ALE v5's default)")
-    if args.target_kl is not None and not args.target_kl > 0:
-        raise UsageError(f"--target-kl is {args.target_kl}; it must be positive (typical: 0.01 to 0.05), or left out")
-    if args.batch_size % args.num_minibatches:
-        raise UsageError(
-            f"the batch (num_envs * num_steps = {args.num_envs} * {args.num_steps} = {args.batch_size}) does not split "
-            f"into --num-minibatches {args.num_minibatches}; choose a divisor of {args.batch_size}, e.g. "
-            f"{best_divisor(args.batch_size, args.num_minibatches)}")
-    if args.minibatch_size < 2:
-        raise UsageError(f"minibatches of {args.minibatch_size} transition(s) are too small to normalize advantages; "
-                         "use fewer --num-minibatches")
+            raise UsageError(f"{flag(name)} is {value}; it must be a finite number")
+        ok, must = {**RULES, **OPTION_RULES}.get(name, (None, ""))
+        if ok is not None and value is not None and not ok(value):
+            raise UsageError(f"{flag(name)} is {value}; it must be {must}")
+    # An episode's end costs a step that only resets its env, so a rollout may hold as few transitions as half its
+    # steps; normalizing a minibatch's advantages needs two of them.
+    batch, fewest = args.batch_size, args.num_envs * (args.num_steps // 2)
+    fits = [d for d in range(1, batch + 1) if batch % d == 0 and fewest >= 2 * d]
+    if args.num_minibatches not in fits:
+        hint = f"e.g. {min(fits, key=lambda d: abs(d - args.num_minibatches))}" if fits else "raise --num-steps"
+        raise UsageError(f"--num-minibatches {args.num_minibatches} does not fit the batch (num_envs * num_steps = "
+                         f"{args.num_envs} * {args.num_steps} = {batch}): it must divide it and leave each minibatch 2 "
+                         f"transitions where half the steps only reset an env; {hint}")
     if args.num_iterations == 0:
-        ranks = " * ranks" if args.world_size > 1 else ""
-        raise UsageError(f"--total-timesteps {args.total_timesteps} is less than one batch "
-                         f"({args.batch_size * args.world_size} = num_envs * num_steps{ranks}); raise it or shrink the "
-                         "batch")
-    check_env_id(args.env_id)
+        raise UsageError(f"--total-timesteps {args.total_timesteps} is less than one batch ({batch * args.world_size} ="
+                         f" num_envs * num_steps{' * ranks' if args.world_size > 1 else ''}); raise it")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # --env-id module:Env-v0 finds module.py in the current folder too
+    try:  # gymnasium's own message for an unknown id, a missing package, a module that registers no such env
+        check_env(args.env_id)
+    except (gym.error.Error, ImportError, ValueError) as e:
+        raise UsageError(f"--env-id {args.env_id}: {first_line(e)}") from None
 
 
-def best_divisor(n: int, near: int) -> int:
-    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - near))
-
-
-def check_env_id(env_id: str) -> None:
-    """Refuse an env id this script cannot train, before any env is built.
-
-    module:Env-v0 (gymnasium's own form) first imports the module, which registers the env: your own env
-    trains from the command line. The module is looked for where Python looks, and in the current folder.
-    """
-    module, _, name = env_id.rpartition(":")
-    if module:
-        if os.getcwd() not in sys.path:
-            sys.path.append(os.getcwd())
-        try:
-            importlib.import_module(module)
-        except Exception as e:
-            raise UsageError(f"--env-id {env_id}: the module {module} does not import ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}); put {module}.py in the current folder "
-                             "or install it") from None
-        if name not in gym.registry:
-            theirs = [k for k, s in gym.registry.items()
-                      if getattr(s.entry_point, "__module__", str(s.entry_point)).split(":")[0] == module]
-            known = f"it registers {', '.join(theirs)}" if theirs else "it registers no env (call gymnasium.register)"
-            raise UsageError(f"--env-id {env_id}: importing {module} did not register {name}; {known}")
-    in_registry = name in gym.registry
-    atari = (in_registry and "ale_py" in str(gym.registry[name].entry_point)) or (
-        not in_registry and (name.startswith("ALE/") or "NoFrameskip" in name))
-    if atari and SCRIPT != "ppo_atari":
-        raise UsageError(f"--env-id {env_id} is an Atari game; train it with ppo_atari.py")
-    if not in_registry:
-        ids = [k for k in gym.registry if ("ale_py" in str(gym.registry[k].entry_point)) == (SCRIPT == "ppo_atari")]
-        close = difflib.get_close_matches(name, ids, n=3)
-        hint = f"did you mean {' or '.join(close)}?" if close else "see gymnasium.registry for the known ids"
-        raise UsageError(f"--env-id {env_id} is not a registered gymnasium environment; {hint}")
-    if not atari and SCRIPT == "ppo_atari":
-        raise UsageError(f"--env-id {env_id} is not an Atari game; train it with ppo_discrete.py (discrete actions) "
-                         "or ppo_continuous.py (continuous actions)")
-
-
-def check_autoreset(envs: gym.vector.VectorEnv) -> None:
-    """The loop handles gymnasium's default autoreset (NEXT_STEP) only: a vector env that resets within the
-    step that ends an episode returns the next episode's first observation, and the final one would be lost."""
-    mode = envs.metadata.get("autoreset_mode")
-    if mode != gym.vector.AutoresetMode.NEXT_STEP:
-        raise UsageError(f"the vector env resets its envs in mode {getattr(mode, 'name', mode)}; the training loop "
-                         "handles only gymnasium's default, AutoresetMode.NEXT_STEP (build it without autoreset_mode)")
-
-
-# Options that only change how a run is watched, or how its envs are stepped (the same episodes either way), may
-# differ on resume, and so may --total-timesteps; every other change is refused.
+# Options that only watch the run, or step its envs another way (the same episodes), may change on resume, and so may
+# the budget; any other change is refused.
 FREE_ON_RESUME = ("progress", "track", "wandb_project_name", "wandb_entity", "checkpoint_every", "checkpoint_minutes",
                   "resume", "eval_checkpoint", "eval_episodes", "eval_seed", "eval_deterministic", "exp_name",
                   "run_name", "async_envs", "total_timesteps", "save_model")
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 
 
 def load_checkpoint(args: Args) -> dict:
     """The checkpoint to resume from, once it is known to continue this run as an uninterrupted one would."""
-    ckpt = load_file(args.resume, "checkpoint")
+    ckpt, path = load_file(args.resume, "--resume"), args.resume
     if "optimizer" not in ckpt:
-        raise UsageError(f"--resume {args.resume} is a saved agent, not a checkpoint; resume from "
-                         "runs/<run_name>/checkpoint.pt")
+        raise UsageError(f"--resume {path} is a saved agent, not a checkpoint; resume from runs/<run_name>/checkpoint.pt")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"--resume {args.resume} was written by an older version of {SCRIPT}.py; finish that run "
-                         "with that version, or start anew")
-    saved, now = ckpt["args"], asdict(args)
-    for name in now:
-        if name not in FREE_ON_RESUME and saved.get(name) != now[name]:
-            raise UsageError(f"--resume {args.resume} was trained with {flag(name)} {saved.get(name)}, not "
-                             f"{now[name]}; "
-                             f"a resumed run continues as it started (only {flag('total_timesteps')} and options that "
-                             "watch the run may change): drop the option")
+        raise UsageError(f"--resume {path} was written by another version of {ckpt.get('script')}; finish it with that")
+    for name, value in asdict(args).items():
+        if name not in FREE_ON_RESUME and ckpt["args"].get(name) != value:
+            raise UsageError(f"--resume {path} was trained with {flag(name)} {ckpt['args'].get(name)}, not {value}; a "
+                             "resumed run continues as it started (only --total-timesteps and options that watch the "
+                             "run may change): drop the option")
     if len(ckpt["ranks"]) != args.world_size:
-        raise UsageError(f"--resume {args.resume} was written by a run of {len(ckpt['ranks'])} process(es), not "
-                         f"{args.world_size}; resume it with as many (torchrun --nproc-per-node, or python for 1)")
+        raise UsageError(f"--resume {path} was written by {len(ckpt['ranks'])} process(es), not {args.world_size}; "
+                         "resume it with as many (torchrun --nproc-per-node, or python for 1)")
     if args.total_timesteps < ckpt["global_step"]:
-        raise UsageError(f"--total-timesteps {args.total_timesteps} is less than the {ckpt['global_step']} steps the "
-                         f"checkpoint {args.resume} has already trained")
-    args.run_name = saved["run_name"]  # a resumed run goes on in its own folder
+        raise UsageError(f"--total-timesteps {args.total_timesteps} is less than the {ckpt['global_step']} steps "
+                         f"{path} has already trained")
+    args.run_name = ckpt["args"]["run_name"]  # a resumed run goes on in its own folder
     return ckpt
 
 
-# ----------------------------------------------------------------------------------------------------
-# Data-parallel training (torchrun)
-# ----------------------------------------------------------------------------------------------------
-# `torchrun --nproc-per-node N <script> ...` starts N copies of the script, the ranks. Each steps its own
-# envs and computes the loss on its own batch; every minibatch the ranks average their gradients, so
-# all take the same Adam step and hold identical parameters: one agent learning from N times the data.
-# A plain `python <script>` run is rank 0 of 1, and none of these functions communicates.
+# --- data-parallel training (torchrun) ----------------------------------------------------------------------
+# `torchrun --nproc-per-node N <script> ...` starts N copies of the script, the ranks. Each steps its own envs and
+# computes the loss on its own batch; every minibatch the ranks average their gradients, so all take the same Adam
+# step: one agent learning from N times the data. A plain run is rank 0 of 1, and nothing here communicates.
 def init_distributed(use_cuda: bool) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); joins the other ranks when started by torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = use_cuda and torch.cuda.is_available()
+    """(rank, world_size, device); joins the other ranks when started by torchrun (Gloo on CPUs, NCCL on GPUs)."""
+    world_size, cuda = int(os.environ.get("WORLD_SIZE", "1")), use_cuda and torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if world_size == 1:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if cuda and local_rank >= torch.cuda.device_count():
+        return 0, 1, device
+    if cuda and device.index >= torch.cuda.device_count():
         raise UsageError(f"this node runs more ranks than its {torch.cuda.device_count()} GPU(s); use "
                          f"--nproc-per-node {torch.cuda.device_count()}, or --no-cuda to train on the CPUs")
-    # One GPU per rank, talking over NCCL; CPU ranks talk over Gloo.
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return dist.get_rank(), world_size, device
 
 
-def distributed() -> bool:
-    """Whether this process is one of several ranks (torchrun)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def all_sum(x: torch.Tensor) -> torch.Tensor:
-    """x summed over all ranks (x itself in a single-process run)."""
-    if distributed():
+    """x summed over all ranks (x itself in a plain run)."""
+    if dist.is_available() and dist.is_initialized():
         x = x.clone()
         dist.all_reduce(x)
     return x
 
 
+def mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of x, under torchrun of every rank's x together (count, sum, sum of squares summed over ranks)."""
+    n, total, squares = all_sum(torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double())
+    mean = total / n
+    return mean, ((squares - n * mean**2) / (n - 1)).clamp_min(0).sqrt()
+
+
 def average_gradients(params: list[torch.Tensor]) -> None:
-    """Replace every rank's gradients by their mean over the ranks, in one flat all-reduce.
-
-    DistributedDataParallel does the same from hooks inside backward(); written out, the update stays
-    readable and works with any method of the agent, not only its forward().
-    """
-    if not distributed():
-        return
-    grads = [p.grad for p in params]
-    mean = all_sum(torch.cat([g.flatten() for g in grads])) / dist.get_world_size()
-    for g, m in zip(grads, mean.split([g.numel() for g in grads])):
-        g.copy_(m.view_as(g))
+    """Each gradient replaced by its mean over the ranks, in one flat all-reduce (as DistributedDataParallel does)."""
+    if dist.is_available() and dist.is_initialized():
+        grads = [p.grad for p in params]
+        mean = all_sum(torch.cat([g.flatten() for g in grads])) / dist.get_world_size()
+        for g, m in zip(grads, mean.split([g.numel() for g in grads])):
+            g.copy_(m.view_as(g))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Vector envs: stepped in this process or in processes of their own, saved and restored for checkpoints
-# ----------------------------------------------------------------------------------------------------
-def vector_env(recipes: list, async_envs: bool) -> gym.vector.VectorEnv:
-    """The envs of the recipes stepped as one: one after another in this process (SyncVectorEnv), or each in
-    a process of its own (AsyncVectorEnv), which pays for slow envs on a machine with a core per env to spare.
-    An async env answers checkpoints from its own process."""
-    if not async_envs:
-        return gym.vector.SyncVectorEnv(recipes)
-    return gym.vector.AsyncVectorEnv([functools.partial(answering_checkpoints, recipe) for recipe in recipes])
+# --- vector envs: stepped here or in processes of their own, checked, saved, restored -----------------------
+def vector_env(recipes: list, async_envs: bool, pending: Optional[np.ndarray] = None) -> gym.vector.VectorEnv:
+    """The recipes' envs stepped as one: one after another here, or each in a process of its own (--async-envs)."""
+    pending = np.zeros(len(recipes), bool) if pending is None else pending
+    checked = [functools.partial(EnvCheck, recipe, i, p) for i, (recipe, p) in enumerate(zip(recipes, pending))]
+    return gym.vector.AsyncVectorEnv(checked) if async_envs else gym.vector.SyncVectorEnv(checked)
 
 
-def answering_checkpoints(recipe: Callable[[], gym.Env]) -> gym.Env:
-    if multiprocessing.current_process().name != "MainProcess":
-        # A terminal's Ctrl-C (and a scheduler's SIGTERM to the job) reaches every process of the group: the
-        # env's process leaves it to the training process, which finishes its update and checkpoints.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    env = recipe()
-    env.checkpoint_state = functools.partial(env_state, env)  # called in the env's process (envs_state)
-    return env
+class EnvCheck(gym.Wrapper):
+    """Blames the env when it is at fault: an observation that does not fit its space, or a non-finite observation or
+    reward, stops the run in one line naming the env, its step, its space and what it returned. Also saves the env for
+    checkpoints (in its own process with --async-envs), and resets a restored env whose episode had ended (pending)."""
+
+    def __init__(self, recipe: Callable[[], gym.Env], index: int, pending: bool = False):
+        if multiprocessing.current_process().name != "MainProcess":
+            # A Ctrl-C or SIGTERM reaches every process of the group: the training process finishes its update first.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        super().__init__(recipe())
+        self.index, self.steps, self.pending, self.space = index, 0, pending, self.env.observation_space
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        return self.check(obs, 0.0), info
+
+    def step(self, action):
+        if self.pending:
+            self.pending, (obs, info) = False, self.env.reset()
+            return self.check(obs, 0.0), 0.0, False, False, info
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.steps += 1
+        return self.check(obs, reward), reward, terminated, truncated, info
+
+    def check(self, obs, reward):
+        obs, floats = np.asarray(obs), np.issubdtype(self.space.dtype, np.floating)
+        fault = (f"an observation of shape {obs.shape}" if obs.shape != self.space.shape else
+                 f"an observation of dtype {obs.dtype}" if not np.can_cast(obs.dtype, self.space.dtype, "same_kind")
+                 else "a non-finite observation" if floats and not np.isfinite(obs).all() else
+                 f"a reward of {reward}" if not math.isfinite(reward) else None)
+        if fault:
+            raise RunError(f"env {self.index} ({getattr(self.env.spec, 'id', self.env)}) returned {fault} at its step "
+                           f"{self.steps}, where its observation space is {self.space}")
+        return obs
+
+    def checkpoint_state(self) -> dict:
+        return env_state(self.env)
 
 
-def envs_state(envs: gym.vector.VectorEnv) -> dict:
-    """What a checkpoint needs to continue a vector env exactly: its wrappers (with their statistics and
-    episode counters), pickled without the vector env under them, and each env's state (env_state of Part A).
-    "envs" is None when an env holds what cannot be pickled (an open file, a socket): a resumed run then
-    starts new episodes under the saved wrappers."""
-    bottom = envs.unwrapped
-    if not isinstance(bottom, (gym.vector.SyncVectorEnv, gym.vector.AsyncVectorEnv)):
-        try:  # an env's own vector version (CartPole's) pickles whole
-            return {"whole": cloudpickle.dumps(envs)}
-        except Exception:
-            return {"whole": None}
-    try:
-        if isinstance(bottom, gym.vector.AsyncVectorEnv):
-            states = list(bottom.call("checkpoint_state"))
-        else:
-            states = [env_state(env) for env in bottom.envs]
+def envs_state(envs: gym.vector.VectorEnv, with_envs: bool = True) -> bytes:
+    """The vector env as bytes for a checkpoint: its wrappers (with their statistics) and its envs, each by Part A's
+    env_state. Without with_envs, or where an env holds what cannot be pickled (an open file, a socket), the envs
+    are left out, and a resumed run starts new episodes under the saved wrappers."""
+    bottom, inner = envs.unwrapped, envs
+    while isinstance(inner, gym.vector.VectorWrapper) and inner.env is not bottom:
+        inner = inner.env
+    try:  # a vector env of its own (CartPole's) pickles whole; each env of the others is saved by env_state
+        own = isinstance(bottom, (gym.vector.SyncVectorEnv, gym.vector.AsyncVectorEnv))
+        saved = cloudpickle.dumps(list(bottom.call("checkpoint_state")) if own else bottom) if with_envs else None
     except Exception:
-        states = None
-    inner = innermost_wrapper(envs)
-    if inner is None:
-        return {"wrappers": None, "envs": states}
-    inner.env = None
+        saved = None
+    if inner is bottom:
+        return cloudpickle.dumps({"wrappers": None, "envs": saved})
+    inner.env = None  # the wrappers are pickled without the envs under them
     try:
-        return {"wrappers": cloudpickle.dumps(envs), "envs": states}
+        return cloudpickle.dumps({"wrappers": envs, "envs": saved})
     finally:
         inner.env = bottom
 
 
-def restore_envs(envs: gym.vector.VectorEnv, state: dict, pending: np.ndarray,
+def restore_envs(envs: gym.vector.VectorEnv, saved: bytes, pending: np.ndarray,
                  async_envs: bool) -> tuple[gym.vector.VectorEnv, bool]:
-    """The envs to continue with, and whether they are the saved ones (else new ones, to be reset).
-
-    envs: new, unused envs (closed here if the saved ones replace them); pending: the envs whose episode ended
-    on the last step, which the next step only resets (gymnasium's autoreset on the next step; a vector env
-    rebuilt from its envs does not know it, so ResetOnNextStep does it once).
-    """
-    if "whole" in state:
-        if state["whole"] is None:
-            return envs, False
-        envs.close()
-        return pickle.loads(state["whole"]), True
+    """The envs to go on with (envs: new ones), and whether they are the saved ones; pending: the envs whose episode
+    ended on the checkpoint's last step, which the next step only resets."""
+    state = pickle.loads(saved)  # the checkpoint's pickled code runs here, on resume, after every check of the file
     bottom = envs.unwrapped
     if state["envs"] is not None:
         envs.close()
-        bottom = vector_env([functools.partial(restored_env, s, p) for s, p in zip(state["envs"], pending)],
-                            async_envs)
+        bottom = pickle.loads(state["envs"])
+        if isinstance(bottom, list):
+            bottom = vector_env([functools.partial(restore_env_state, s) for s in bottom], async_envs, pending)
     if state["wrappers"] is None:
         return bottom, state["envs"] is not None
-    wrappers = pickle.loads(state["wrappers"])
-    innermost_wrapper(wrappers).env = bottom
-    return wrappers, state["envs"] is not None
+    inner = state["wrappers"]
+    while inner.env is not None:
+        inner = inner.env
+    inner.env = bottom
+    return state["wrappers"], state["envs"] is not None
 
 
-def restored_env(state: dict, pending: bool) -> gym.Env:
-    env = restore_env_state(state)
-    return ResetOnNextStep(env) if pending else env
+# --- files: written whole or not at all, read without running code ------------------------------------------
+def write_file(path: str, data: bytes | dict) -> None:
+    """Write through a temporary file of this process, then rename: a crash or a full disk never leaves a half-written
+    file in place of the last good one. A dict is written with torch.save (in memory first, where torch's own file
+    writer would turn a full disk into an obscure error)."""
+    if isinstance(data, dict):
+        buffer = io.BytesIO()
+        torch.save(data, buffer)
+        data = buffer.getvalue()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise RunError(f"cannot write {path} ({e.strerror}); the last good file there, if any, is kept") from None
 
 
-class ResetOnNextStep(gym.Wrapper):
-    """Resets the env on its next step, as gymnasium's vector envs do after an episode ends: that step returns
-    the next episode's first observation with reward 0, and ignores the action. Then it steps as usual."""
-
-    def __init__(self, env: gym.Env):
-        super().__init__(env)
-        self.pending = True
-
-    def step(self, action):
-        if not self.pending:
-            return self.env.step(action)
-        self.pending = False
-        obs, info = self.env.reset()
-        return obs, 0.0, False, False, info
-
-
-def innermost_wrapper(envs: gym.vector.VectorEnv) -> Optional[gym.vector.VectorWrapper]:
-    if not isinstance(envs, gym.vector.VectorWrapper):
-        return None
-    while isinstance(envs.env, gym.vector.VectorWrapper):
-        envs = envs.env
-    return envs
-
-
-# ----------------------------------------------------------------------------------------------------
-# Files: saving, loading, results
-# ----------------------------------------------------------------------------------------------------
-def save_atomic(obj: dict, path: str) -> None:
-    """Write then rename: a crash mid-write never leaves a half-written file in place of the last good one."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+LOADED: dict = {}  # each file is read once per process
 
 
 def load_file(path: str, what: str) -> dict:
+    """A saved agent or checkpoint of this env family, read with weights_only=True: no code stored in it runs."""
     if not os.path.isfile(path):
-        raise UsageError(f"{what} {path} does not exist; pass a file such as runs/<run_name>/checkpoint.pt or agent.pt")
-    try:
-        # weights_only=False: a checkpoint holds pickled env and RNG state. Load only files you trust.
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UsageError(f"{what} {path} cannot be read ({type(e).__name__}); it is corrupt or not a file written by "
-                         "this script") from None
-    if not isinstance(data, dict) or "script" not in data or "model" not in data:
-        raise UsageError(f"{what} {path} is not a file written by {SCRIPT}.py")
-    if data["script"] != SCRIPT:
-        raise UsageError(f"{what} {path} was written by {data['script']}.py; load it with that script")
-    return data
+        raise UsageError(f"{what} {path} is a folder; pass the file in it, e.g. {os.path.join(path, 'checkpoint.pt')}"
+                         if os.path.isdir(path) else f"{what} {path} does not exist; pass a file such as "
+                         "runs/<run_name>/checkpoint.pt or agent.pt")
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    if key not in LOADED:
+        why = ("a checkpoint holds its envs pickled, and resuming one runs code from it: resume only your own runs, "
+               "share agent.pt") if what == "--resume" else "no code stored in it was run"
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UsageError(f"{what} {path} cannot be read as a file of {SCRIPT} ({first_line(e)}); {why}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("args"), dict) or "model" not in data:
+            raise UsageError(f"{what} {path} is not a file written by {SCRIPT}; {why}")
+        family = data.get("family", str(data.get("script")).removeprefix("ppo_"))  # older files name their script
+        if family != FAMILY:
+            raise UsageError(f"{what} {path} holds a {family} agent; this script trains {FAMILY} ones")
+        LOADED[key] = data
+    return LOADED[key]
 
 
 def saved_args(data: dict) -> Args:
@@ -892,469 +848,307 @@ def saved_args(data: dict) -> Args:
     return Args(**{k: v for k, v in data["args"].items() if k in Args.__dataclass_fields__})
 
 
-def write_results(run_dir: str, args: Args, episodes: dict, global_step: int, elapsed: float, ended: bool) -> dict:
-    """Every finished episode to episodes.csv and the run's totals to summary.json, in the run folder; ended:
-    whether the run came to its end (no error, no signal).
-
-    Plain files that the benchmark suite (or a spreadsheet) reads without TensorBoard.
-    """
-    with open(os.path.join(run_dir, "episodes.csv"), "w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["global_step", "time_s", "return", "length"])
-        out.writerows(zip(episodes["steps"], (round(t, 3) for t in episodes["times"]), episodes["returns"],
-                          episodes["lengths"]))
-    summary = {"script": SCRIPT, "env_id": args.env_id, "seed": args.seed, "global_step": global_step,
-               "total_timesteps": args.total_timesteps,
-               # Every update done, and none stopped by an error (a NaN loss in the last update) or a signal.
-               "finished": ended and global_step >= args.num_iterations * args.batch_size * args.world_size,
-               "time_s": round(elapsed, 3), "sps": round(global_step / max(elapsed, 1e-9), 1),
-               "episodes": len(episodes["returns"]),
-               "final_return": float(np.mean(episodes["returns"][-100:])) if episodes["returns"] else None}
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
-
-
-# ----------------------------------------------------------------------------------------------------
-# Logs, progress, health warnings
-# ----------------------------------------------------------------------------------------------------
-def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
-    """[1 - Var(returns - values) / Var(returns), whether the returns vary] over all ranks' batches, as a
-    tensor on the device (read with the update's other diagnostics, in one copy).
-
-    Explained variance says little when returns barely vary (e.g. every episode hits the time limit):
-    the second value is 0 then.
-    """
-    y, e = y_true.double(), (y_true - y_pred).double()
-    s = all_sum(torch.stack([y.new_tensor(y.numel()), y.sum(), (y**2).sum(), e.sum(), (e**2).sum(), y.abs().sum()]))
-    n = s[0]
-    var_y, var_e = (s[2] - s[1] ** 2 / n) / (n - 1).clamp_min(1), (s[4] - s[3] ** 2 / n) / (n - 1).clamp_min(1)
-    ev = torch.where(var_y > 0, 1 - var_e / var_y, torch.nan)
-    return torch.stack([ev, ((var_y > 0) & (var_y.sqrt() > 0.05 * s[5] / n)).double()]).float()
-
-
-class Logger:
-    """TensorBoard (and optionally wandb) scalars, buffered.
-
-    TensorBoard's writer thread competes with training for the interpreter lock; handing it scalars in
-    bursts every few dozen updates instead of one at a time makes a fast run about 30% faster.
-    A resumed run writes on in the same folder and the same wandb run: what the first attempt logged
-    after its last checkpoint is hidden (purge_step), so no step shows twice.
-    """
-
-    def __init__(self, run_dir: str, args: Args, resumed: Optional[dict] = None, every: int = 50):
-        self.buffer: list[tuple[str, float, int]] = []
-        self.every = every
-        self.wandb = None
-        if args.track:
-            import wandb
-
-            # Patching TensorBoard to this run's own folder keeps metric names unprefixed and avoids the
-            # 10-second wait at exit that sync_tensorboard alone causes.
-            wandb.tensorboard.patch(root_logdir=run_dir)
-            wandb_id = resumed.get("wandb_id") if resumed else None
-            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                                    config=asdict(args), name=os.path.basename(run_dir), save_code=True,
-                                    id=wandb_id, resume="allow" if wandb_id else None)
-        self.writer = SummaryWriter(run_dir, purge_step=resumed["global_step"] + 1 if resumed else None)
-        if not resumed:
-            table = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-            self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-
-    @property
-    def wandb_id(self) -> Optional[str]:
-        return self.wandb.id if self.wandb is not None else None
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.buffer.extend((k, v, step) for k, v in metrics.items())
-        if len(self.buffer) >= self.every * len(metrics):
-            self.flush()
-
-    def flush(self) -> None:
-        for tag, value, step in self.buffer:
-            self.writer.add_scalar(tag, value, step)
-        self.buffer.clear()
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.flush()
-        self.writer.close()
-        if self.wandb is not None:
-            import wandb
-
-            self.wandb.finish()
-            wandb.tensorboard.unpatch()  # the next run in this process patches its own folder
-
-
-class Progress:
-    """A live bar in a terminal; otherwise a plain line every 5% of training."""
-
-    def __init__(self, enabled: bool, total: int, start: int):
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
-        self.total, self.start, self.bar, self.next_line = total, start, None, 0
-        self.enabled = enabled
-        if enabled and self.console.is_terminal:
-            from rich import progress as rp
-
-            self.bar = rp.Progress(
-                rp.TextColumn("[bold]{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-                rp.TextColumn("{task.fields[info]}"), rp.TimeRemainingColumn(), console=self.console,
-                refresh_per_second=4,
-            )
-            self.task = self.bar.add_task("steps", total=total, completed=start, info="")
-            self.bar.start()
-
-    def update(self, step: int, sps: float, ret: float) -> None:
-        info = f"{sps:,.0f} steps/s  return {ret:.1f}"
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
-        elif self.enabled and step >= self.next_line:
-            eta = (self.total - step) / max(sps, 1e-9)
-            self.console.print(f"step {step:,}/{self.total:,} ({100 * step / self.total:.0f}%)  {info}  ETA {eta:.0f}s",
-                               highlight=False, soft_wrap=True)
-            self.next_line = step + max(self.total // 20, 1)
-
-    def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
-
-    def say(self, message: str) -> None:
-        self.console.print(message, highlight=False, soft_wrap=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
-
-
-class Health:
-    """Watches the instability signals of PPO and prints one warning line per kind of trouble."""
-
-    def __init__(self, progress: Progress, target_kl: Optional[float]):
-        self.progress, self.seen, self.recent_ev = progress, set(), []
-        # "Far above target": twice the target, or 0.05 when no target is set (typical values are ~0.01).
-        self.kl_limit = 2 * target_kl if target_kl is not None else 0.05
-
-    def check(self, metrics: dict[str, float], step: int, late: bool, returns_vary: bool = True) -> None:
-        kl = metrics["losses/approx_kl"]
-        if kl > self.kl_limit:
-            self.warn("kl", f"approx KL {kl:.3f} > {self.kl_limit:.3f} at step {step}: the policy moves far per "
-                      "update; lower --learning-rate or --update-epochs, or set --target-kl")
-        # Explained variance is noisy from one batch to the next: judge its mean over the last 20 updates.
-        ev = metrics["losses/explained_variance"] if returns_vary else float("nan")
-        self.recent_ev = (self.recent_ev + [ev])[-20:]
-        ev = float(np.nanmean(self.recent_ev)) if np.isfinite(self.recent_ev).sum() >= 10 else 0.0
-        if late and ev < 0:
-            self.warn("ev", f"explained variance averaged {ev:.2f} < 0 over the last 20 updates at step {step}: the "
-                      "critic predicts returns worse than their mean, so advantages are mostly noise")
-        if metrics["losses/ess"] < 0.5:
-            self.warn("ess", f"effective sample size fell to {metrics['losses/ess']:.2f} of the minibatch at step "
-                      f"{step}: a few samples dominate the gradient; lower --learning-rate or --clip-coef")
-
-    def warn(self, kind: str, message: str) -> None:
-        if kind not in self.seen:
-            self.seen.add(kind)
-            self.progress.warn(message + " (shown once)")
-
-
-# ----------------------------------------------------------------------------------------------------
-# The run: everything around train()'s loop
-# ----------------------------------------------------------------------------------------------------
+# --- the run: everything around train()'s loop --------------------------------------------------------------
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
 class Run:
-    """One training run's machinery, reached from train() by one-line calls.
-
-    Run(args) checks the options, loads the checkpoint to resume from, joins the other ranks under torchrun,
-    seeds every random stream and names the run. start() resumes (parameters, Adam, envs, random streams)
-    or resets the envs, then opens the logs and catches Ctrl-C and SIGTERM. iterations() gives the update
-    numbers and, between updates, writes checkpoints and stops after a signal. record() counts the steps
-    and keeps the finished episodes; log_update() logs the diagnostics, checks PPO's health and moves the
-    progress bar. Leaving the `with` block closes everything and writes episodes.csv and summary.json,
-    however the run ended.
-    """
+    """One training run's machinery, reached from train() by one-line calls: Run(args) checks the options and the env,
+    reads the checkpoint to resume from, joins torchrun, seeds the random streams and makes the run folder; start()
+    resumes or resets the envs, opens the logs and catches Ctrl-C and SIGTERM; iterations() gives the update numbers
+    and, between updates, checkpoints and stops after a signal; record(), check_finite() and log_update() watch the
+    steps and updates. Leaving the `with` block writes the result files however the run ended."""
 
     def __init__(self, args: Args, stop_at_step: Optional[int] = None):
         check_args(args)
         self.args, self.stop_at_step = args, stop_at_step
         self.resumed = load_checkpoint(args) if args.resume else None
-        run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        args.run_name = run_name.replace("/", "-").replace(":", "-")
         self.rank, self.world_size, self.device = init_distributed(args.cuda)
         self.main = self.rank == 0  # the rank that logs, shows progress and writes files
         if args.cuda and self.device.type != "cuda" and self.main:
             print("note: no CUDA GPU is available; running on the CPU (--no-cuda silences this)", file=sys.stderr)
-        if self.world_size > 1:
-            names = [args.run_name]
-            dist.broadcast_object_list(names, src=0)  # rank 0's clock names the run
-            args.run_name = names[0]
-        self.run_dir = os.path.join("runs", args.run_name)
+        self.run_dir = os.path.join("runs", self.run_name())
         self.video_dir = os.path.join("videos", args.run_name) if args.capture_video and self.main else None
-
-        # Each rank its own random streams; rank 0 (and a single-process run) uses --seed itself.
-        random.seed(args.seed + self.rank)
+        random.seed(args.seed + self.rank)  # each rank its own random streams; rank 0 (and a plain run) uses --seed
         np.random.seed(args.seed + self.rank)
         torch.manual_seed(args.seed + self.rank)
         torch.backends.cudnn.deterministic = args.torch_deterministic
         if args.torch_threads:
             torch.set_num_threads(args.torch_threads)
-
         self.episodes = {"returns": [], "lengths": [], "steps": [], "times": []}
-        self.global_step, self.first_iteration, self.elapsed_before = 0, 1, 0.0
-        self.envs = self.logger = self.progress = None
-        self.signal, self.handlers, self.interrupted, self.checkpoint_path = None, {}, False, None
-        # On a GPU, the host waits for the device only at the copy of the actions to the envs at every step
-        # (and, with --target-kl, for the KL that decides each further epoch; under torchrun, where the
-        # ranks agree after each update).
-        self.deferred, self.unread, self.update_times = self.device.type == "cuda", None, []
+        self.global_step, self.first_iteration, self.iteration, self.elapsed_before, self.next_line = 0, 1, 0, 0.0, 0
+        self.envs = self.writer = self.wandb = self.signal = self.checkpoint_path = None
+        self.handlers, self.scalars, self.update_times, self.recent_ev, self.warned = {}, [], [], [], set()
+        self.interrupted = self.updating = self.closing = self.drawn = False
+
+    def run_name(self) -> str:
+        """Make runs/<run_name>, this run's alone (a default name ends in a random suffix), or find the resumed run's
+        own; a file must be writable there before anything trains."""
+        args, name = self.args, self.args.run_name
+        if name is not None and (os.path.basename(name) != name or name in ("", ".", "..")):
+            raise UsageError(f"--run-name {name!r} is not a plain folder name; a run's files go to runs/<run_name>")
+        if self.main and not name:
+            name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}_{secrets.token_hex(4)}"
+            name = name.replace("/", "-").replace(":", "-")
+        if self.world_size > 1:
+            names = [name]
+            dist.broadcast_object_list(names, src=0)  # rank 0 names the run
+            name = names[0]
+        args.run_name, folder = name, os.path.join("runs", name)
+        try:
+            if self.main:
+                os.makedirs(folder, exist_ok=bool(args.resume))
+                write_file(os.path.join(folder, ".writable"), b"")
+                os.remove(os.path.join(folder, ".writable"))
+        except FileExistsError:
+            raise UsageError(f"{folder} holds another run; choose another --run-name, or continue that run with "
+                             f"--resume {folder}/checkpoint.pt") from None
+        except (RunError, OSError) as e:
+            raise UsageError(f"the run folder {folder} is not writable ({e})") from None
+        return name
 
     def __enter__(self) -> "Run":
         return self
 
-    # --- before the first update ------------------------------------------------------------------------
     def start(self, agent: nn.Module, optimizer: torch.optim.Optimizer, envs: gym.vector.VectorEnv,
-              obs: torch.Tensor, valid: np.ndarray) -> gym.vector.VectorEnv:
-        """Resume from the checkpoint, or reset the envs; fills the last row of obs and valid, where the first
-        rollout starts. Returns the envs to train on."""
-        args, N = self.args, self.args.num_envs
-        check_autoreset(envs)
-        if self.world_size > 1:
-            for p in agent.parameters():
-                dist.broadcast(p.data, src=0)  # every rank starts from rank 0's initialization
-        ckpt = self.resumed
-        if ckpt is None:
-            # No two envs of the job share a seed: rank r's env i is seeded like env r * num_envs + i of one big run.
-            next_obs, _ = envs.reset(seed=args.seed + self.rank * N)
-            next_valid = np.ones(N, dtype=bool)
-        else:
+              obs: torch.Tensor, valid: np.ndarray, *carried: torch.Tensor) -> gym.vector.VectorEnv:
+        """Resume from the checkpoint, or reset the envs; returns the envs. The last row of obs, valid and each carried
+        buffer is what one rollout hands to the next (and checkpoints save): the first rollout starts there."""
+        args, ckpt = self.args, self.resumed
+        if envs.metadata.get("autoreset_mode") != gym.vector.AutoresetMode.NEXT_STEP:
+            # An env reset in the step that ends its episode returns the next episode's first observation: the final
+            # one, which truncation bootstraps from, would be lost.
+            raise UsageError(f"the vector env resets its envs in mode {envs.metadata.get('autoreset_mode')}; the loop "
+                             "handles only gymnasium's default, AutoresetMode.NEXT_STEP (build it without autoreset_mode)")
+        for p in agent.parameters() if self.world_size > 1 else []:
+            dist.broadcast(p.data, src=0)  # every rank starts from rank 0's initialization
+        restored = False
+        if ckpt is not None:
             try:
                 agent.load_state_dict(ckpt["model"])
                 optimizer.load_state_dict(ckpt["optimizer"])
             except (RuntimeError, ValueError, KeyError) as e:
-                raise UsageError(f"--resume {args.resume} does not fit this network "
-                                 f"({str(e).splitlines()[0]})") from None
-            rank_state = ckpt["ranks"][self.rank]
-            envs, restored = restore_envs(envs, rank_state["envs"], ~rank_state["next_valid"], args.async_envs)
-            if not restored:  # the envs could not be saved: new episodes, seeded apart from the first start's
-                next_obs, _ = envs.reset(seed=args.seed + self.rank * N + ckpt["global_step"])
-                next_valid = np.ones(N, dtype=bool)
-            else:
-                next_obs, next_valid = rank_state["next_obs"], rank_state["next_valid"]
-            rng = rank_state["rng"]
+                raise UsageError(f"--resume {args.resume} does not fit this network ({first_line(e)})") from None
+            mine, rng = ckpt["ranks"][self.rank], ckpt["ranks"][self.rank]["rng"]
+            for buffer, row in zip((obs, valid, *carried), mine["carried"]):
+                buffer[-1] = row.numpy() if isinstance(buffer, np.ndarray) else row
+            envs, restored = restore_envs(envs, mine["envs"], ~valid[-1], args.async_envs)
             torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
+            np.random.set_state((*rng["numpy"][:1], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
             random.setstate(rng["python"])
-            if self.device.type == "cuda" and rng["cuda"] is not None:  # the sampling noise and shuffles on the GPU
+            if self.device.type == "cuda" and rng["cuda"] is not None:
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
             self.global_step, self.first_iteration = ckpt["global_step"], ckpt["iteration"] + 1
             self.episodes, self.elapsed_before = ckpt["episodes"], ckpt["elapsed"]
-        obs[-1] = torch.as_tensor(next_obs, device=self.device)
-        valid[-1] = next_valid
-        self.agent, self.optimizer, self.envs, self.obs, self.valid = agent, optimizer, envs, obs, valid
-        if self.deferred:
-            optimizer.found_inf = torch.zeros((), device=self.device)
-
+        if not restored:  # new episodes; where a checkpoint could not hold its envs, seeded apart from the first start
+            # No two envs of the job share a seed: rank r's env i is seeded like env r * num_envs + i of one big run.
+            obs[-1] = torch.as_tensor(envs.reset(seed=args.seed + self.rank * args.num_envs + self.global_step)[0])
+            valid[-1] = True
+            for buffer in carried:
+                buffer[-1] = 0
+        self.agent, self.optimizer, self.envs, self.buffers = agent, optimizer, envs, (obs, valid, *carried)
+        optimizer.found_inf = torch.zeros((), device=self.device)  # fused Adam skips its step while this is set
         if self.main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            self.logger = Logger(self.run_dir, args, ckpt)
-        self.progress = Progress(args.progress and self.main, args.total_timesteps, self.global_step)
-        self.health = Health(self.progress, args.target_kl)
+            if args.track:  # Weights & Biases mirrors TensorBoard; a resumed run goes on in its own wandb run
+                wandb = importlib.import_module("wandb")
+                wandb.tensorboard.patch(root_logdir=self.run_dir)  # names stay unprefixed, and no 10 s wait at exit
+                wandb_id = ckpt["wandb_id"] if ckpt else None
+                self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, id=wandb_id,
+                                        config=asdict(args), name=args.run_name, sync_tensorboard=True,
+                                        save_code=True, resume="allow" if wandb_id else None)
+            # A resumed run hides what was logged after its checkpoint, so no step shows twice.
+            self.writer = SummaryWriter(self.run_dir, purge_step=ckpt["global_step"] + 1 if ckpt else None)
+            if not ckpt:
+                self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+                    f"|{k}|{v}|" for k, v in asdict(args).items()))
         if threading.current_thread() is threading.main_thread():
-            for signum in SIGNAL_NAMES:
-                self.handlers[signum] = signal.signal(signum, self.on_signal)
+            self.handlers = {signum: signal.signal(signum, self.on_signal) for signum in SIGNAL_NAMES}
         self.start_time = self.last_checkpoint = time.time()
-        self.start_step, self.episodes_sent = self.global_step, len(self.episodes["returns"])
+        self.start_step = self.done_step = self.global_step
+        self.episodes_sent = len(self.episodes["returns"])
         return envs
 
     def on_signal(self, signum, frame) -> None:
         # The first Ctrl-C or SIGTERM lets the update finish, then a checkpoint is written; a second one quits at once.
+        # Once the run is over (its results being written), a signal changes nothing.
+        if self.closing:
+            return
         if self.signal is not None:
             raise KeyboardInterrupt(signum)  # main() exits with 128 + signum, as the signal itself would
         self.signal = signum
-        if self.main:
-            self.progress.warn(f"{SIGNAL_NAMES[signum]}: finishing this update, then writing a checkpoint "
-                               f"({SIGNAL_NAMES[signum]} again quits at once)")
+        self.say(f"warning: {SIGNAL_NAMES[signum]}: finishing this update, then writing a checkpoint "
+                 f"({SIGNAL_NAMES[signum]} again quits at once)")
 
-    # --- during training ----------------------------------------------------------------------------------
     def iterations(self):
-        """The numbers of the updates still to run. After each: a checkpoint when one is due (every
-        --checkpoint-every updates, every --checkpoint-minutes), and the end of the run after Ctrl-C or SIGTERM
-        (with a checkpoint) or at stop_at_step."""
-        for iteration in range(self.first_iteration, self.args.num_iterations + 1):
-            self.iteration = iteration
-            started = time.time()
+        """The numbers of the updates still to run. After each: a checkpoint when one is due (--checkpoint-every,
+        --checkpoint-minutes), and the end of the run after Ctrl-C or SIGTERM (with a checkpoint) or at stop_at_step."""
+        args = self.args
+        for iteration in range(self.first_iteration, args.num_iterations + 1):
+            self.iteration, self.updating, started = iteration, False, time.time()
             yield iteration
-            self.report_compile_time(time.time() - started)
-            every = self.args.checkpoint_every and iteration % self.args.checkpoint_every == 0
-            minutes = self.args.checkpoint_minutes and \
-                time.time() - self.last_checkpoint >= 60 * self.args.checkpoint_minutes
-            # A signal during the last update changes nothing: the run is complete.
-            stop, due = self.agree(self.signal is not None and iteration < self.args.num_iterations, every or minutes)
+            self.done_step, self.updating = self.global_step, False
+            self.update_times.append(time.time() - started)
+            if args.compile and len(self.update_times) == 3:
+                self.say("torch.compile: the first two updates took {:.1f} s and {:.1f} s (compiling), the third "
+                         "{:.2f} s".format(*self.update_times))
+            every = args.checkpoint_every and iteration % args.checkpoint_every == 0
+            minutes = args.checkpoint_minutes and time.time() - self.last_checkpoint >= 60 * args.checkpoint_minutes
+            # A signal during the last update changes nothing: the run is complete. All ranks stop and checkpoint after
+            # the same update (a signal reaches them at slightly different moments).
+            stop, due = self.signal is not None and iteration < args.num_iterations, every or minutes
+            if self.world_size > 1:
+                stop, due = (all_sum(torch.tensor([float(stop), float(due)], device=self.device)) > 0).tolist()
             if stop or due:
                 self.checkpoint()
-            if stop:
-                self.interrupted = True
+            if stop or (self.stop_at_step is not None and self.global_step >= self.stop_at_step):
+                self.interrupted = stop
                 return
-            if self.stop_at_step is not None and self.global_step >= self.stop_at_step:
-                return
-
-    def report_compile_time(self, seconds: float) -> None:
-        """With --compile, say what compiling cost: the first updates' times (compiling, and recompiling once
-        the minibatch sizes vary) against the third's."""
-        self.update_times.append(seconds)
-        if self.args.compile and len(self.update_times) == 3 and self.main:
-            first, second, third = self.update_times
-            self.progress.say(f"torch.compile: the first two updates took {first:.1f} s and {second:.1f} s "
-                              f"(compiling), the third {third:.2f} s")
-
-    def agree(self, *flags: bool) -> list[bool]:
-        """Each flag raised on any rank, so that all ranks stop and checkpoint after the same update
-        (a signal reaches them at slightly different moments)."""
-        if self.world_size == 1:
-            return list(flags)
-        return [x > 0 for x in all_sum(torch.tensor([float(f) for f in flags], device=self.device)).tolist()]
 
     def record(self, info: dict) -> None:
         """Count one step of the vector env, and keep the episodes that ended in it."""
         self.global_step += self.args.num_envs * self.world_size
         if "_episode" in info:
-            ended = info["_episode"]
-            n_ended = int(ended.sum())
-            self.episodes["returns"].extend(info["episode"]["r"][ended].tolist())
-            self.episodes["lengths"].extend(info["episode"]["l"][ended].tolist())
-            self.episodes["steps"].extend([self.global_step] * n_ended)
-            self.episodes["times"].extend([self.elapsed()] * n_ended)
+            ended, now = info["_episode"], self.elapsed()
+            for key, values in (("returns", info["episode"]["r"][ended].tolist()), ("times", [now] * int(ended.sum())),
+                                ("lengths", info["episode"]["l"][ended].tolist()),
+                                ("steps", [self.global_step] * int(ended.sum()))):
+                self.episodes[key].extend(values)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.start_time
 
-    def check_batch(self, n_transitions: int) -> None:
-        # A minibatch of one has no advantage std to normalize by. Every rank stops, not only the short one.
-        if self.agree(n_transitions < 2 * self.args.num_minibatches)[0]:
-            held = f"only {n_transitions}" if self.world_size == 1 else f"too few (this rank's: {n_transitions})"
-            raise UsageError(f"this rollout holds {held} transitions to learn from (the other steps only "
-                             f"reset an env after its episode ended), too few for --num-minibatches "
-                             f"{self.args.num_minibatches}; use fewer minibatches or a larger --num-steps")
-
     def check_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Stop the run on a NaN or infinite loss before its optimizer step is applied.
-
-        On a GPU, looking at the loss would make the host wait for the device: there fused Adam skips the step
-        itself (its found_inf, as GradScaler uses it), and every later one of the update, and the update's
-        logs stop the run. The gradients are averaged over the ranks first, so all ranks skip alike.
-        """
-        if self.deferred:
-            torch.maximum(self.optimizer.found_inf, (~torch.isfinite(grad_norm)).float(), out=self.optimizer.found_inf)
-        elif not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-            raise TrainingDiverged(
-                f"the loss became {loss.item()} (gradient norm {grad_norm.item()}) at step {self.global_step} (update "
-                f"{self.iteration}); training stopped before applying it. Lower --learning-rate or --max-grad-norm; "
-                f"the last checkpoint (if any) is kept in {self.run_dir}")
+        """A NaN or infinite loss stops the run without its optimizer step: fused Adam skips every step while found_inf
+        is set, and log_update() stops the run at the update's end (no host sync per minibatch)."""
+        self.updating = True  # from here on the parameters are no longer those of the last completed update
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        torch.maximum(self.optimizer.found_inf, bad.float(), out=self.optimizer.found_inf)
 
     def log_update(self, diagnostics: dict[str, torch.Tensor], explained_var: torch.Tensor, epochs: int) -> None:
-        """Log one update's diagnostics, averaged over the ranks, check PPO's health, move the progress bar.
-
-        The diagnostics reach the host in one copy. On a GPU that copy does not wait: it is read at the next
-        update (and at the end), so the device never idles for the logs.
-        """
+        """Log an update's diagnostics (averaged over the ranks; one copy to the host), warn once of each health signal
+        gone bad, show progress. TensorBoard gets the scalars in bursts of 50 updates: one at a time, its writer thread
+        competes for the interpreter lock (a fast run was 30% slower)."""
         if self.world_size > 1:  # rank 0 logs the episodes of every rank
             everyone = [None] * self.world_size if self.main else None
             dist.gather_object({k: v[self.episodes_sent:] for k, v in self.episodes.items()}, everyone, dst=0)
-            for other in everyone[1:] if self.main else []:
-                for k, v in other.items():
-                    self.episodes[k].extend(v)
+            for k, v in ((k, v) for other in (everyone[1:] if self.main else []) for k, v in other.items()):
+                self.episodes[k].extend(v)
             self.episodes_sent = len(self.episodes["returns"])
         values = torch.cat([all_sum(torch.stack(list(diagnostics.values()))) / self.world_size, explained_var,
-                            self.optimizer.found_inf.view(1) if self.deferred else explained_var[:0]])
-        metrics = {"losses/epochs": epochs, "charts/learning_rate": self.optimizer.param_groups[0]["lr"],
-                   "charts/SPS": (self.global_step - self.start_step) / (time.time() - self.start_time)}
+                            self.optimizer.found_inf.view(1)]).tolist()
+        if values[-1]:
+            raise RunError(f"the loss became nan or infinite in update {self.iteration} (step {self.global_step}); its "
+                           "optimizer step and the update's later ones were skipped and training stopped. Lower "
+                           f"--learning-rate or --max-grad-norm; the last checkpoint, if any, is kept in {self.run_dir}")
+        step, n, ret = self.global_step, len(diagnostics), np.mean(self.episodes["returns"][-20:] or math.nan)
+        sps, total = (step - self.start_step) / (time.time() - self.start_time), self.args.total_timesteps
+        metrics = {**{f"losses/{k}": v for k, v in zip(diagnostics, values)}, "losses/explained_variance": values[n],
+                   "losses/epochs": epochs, "charts/learning_rate": self.optimizer.param_groups[0]["lr"],
+                   "charts/SPS": sps}
         if self.episodes["returns"]:
-            metrics["charts/episodic_return"] = float(np.mean(self.episodes["returns"][-20:]))
-            metrics["charts/episodic_length"] = float(np.mean(self.episodes["lengths"][-20:]))
-        update = (list(diagnostics), metrics, self.global_step, self.iteration)
-        if not self.deferred:
-            return self.write_update(*update, values.tolist())
-        copy, done = values.to("cpu", non_blocking=True), torch.cuda.Event()
-        done.record()
-        previous, self.unread = self.unread, (update, copy, done)
-        if previous is not None:
-            self.read(previous)
+            metrics.update({"charts/episodic_return": ret,
+                            "charts/episodic_length": np.mean(self.episodes["lengths"][-20:])})
+        if not self.main:
+            return
+        self.scalars.extend((k, v, step) for k, v in metrics.items())
+        if len(self.scalars) >= 50 * len(metrics):
+            self.flush()
+        # Explained variance is noisy from one batch to the next, and says little while returns barely vary.
+        self.recent_ev = (self.recent_ev + [values[n] if values[n + 1] else math.nan])[-20:]
+        ev = float(np.nanmean(self.recent_ev)) if np.isfinite(self.recent_ev).sum() >= 10 else 0.0
+        kl, ess = metrics["losses/approx_kl"], metrics["losses/ess"]
+        kl_limit = 2 * self.args.target_kl if self.args.target_kl is not None else 0.05  # far above target (~0.01)
+        for kind, bad, message in [  # PPO's instability signals, each a warning line the first time it goes bad
+                ("kl", kl > kl_limit, f"approx KL {kl:.3f} > {kl_limit:.3f}: the policy moves far per update; lower "
+                 "--learning-rate or --update-epochs, or set --target-kl"),
+                ("ev", ev < 0 and self.iteration > self.args.num_iterations // 2, f"explained variance averaged {ev:.2f}"
+                 " < 0 over the last 20 updates: the critic predicts returns worse than their mean, so advantages are "
+                 "mostly noise"),
+                ("ess", ess < 0.5, f"effective sample size fell to {ess:.2f} of the batch: a few samples dominate the "
+                 "gradient; lower --learning-rate or --clip-coef")]:
+            if bad and kind not in self.warned:
+                self.warned.add(kind)
+                self.say(f"warning: {message} (at step {step}; shown once)")
+        live = sys.stderr.isatty()  # a line redrawn in place in a terminal, else (logs) a line every 5% of the steps
+        if self.args.progress and (live or step >= self.next_line):
+            line = (f"step {step:,}/{total:,} ({100 * step / total:.0f}%)  {sps:,.0f} steps/s  return {ret:.1f}  "
+                    f"ETA {(total - step) / max(sps, 1e-9):.0f}s")
+            print(f"\r{line}\033[K" if live else line, end="" if live else "\n", file=sys.stderr, flush=True)
+            self.next_line, self.drawn = step + max(total // 20, 1), live
 
-    def read(self, unread) -> None:
-        update, copy, done = unread
-        done.synchronize()  # waits for that copy alone, queued long ago
-        self.write_update(*update, copy.tolist())
-
-    def write_update(self, names: list[str], metrics: dict, step: int, iteration: int, values: list[float]) -> None:
-        if self.deferred and values[-1]:
-            raise TrainingDiverged(
-                f"a loss became nan or infinite in update {iteration} (by step {step}); its optimizer step and the "
-                f"later ones were skipped and training stopped. Lower --learning-rate or --max-grad-norm; the last "
-                f"checkpoint (if any) is kept in {self.run_dir}")
-        metrics = {**{f"losses/{k}": v for k, v in zip(names, values)}, "losses/explained_variance": values[len(names)],
-                   **metrics}
+    def say(self, message: str) -> None:
         if self.main:
-            self.logger.log(metrics, step)
-            self.health.check(metrics, step, late=iteration > self.args.num_iterations // 2,
-                              returns_vary=bool(values[len(names) + 1]))
-            self.progress.update(step, metrics["charts/SPS"], metrics.get("charts/episodic_return", float("nan")))
+            print("\n" * self.drawn + message, file=sys.stderr, flush=True)  # below the progress line, if drawn
+            self.drawn = False
 
-    def checkpoint(self) -> Optional[str]:
-        """Write runs/<run>/checkpoint.pt: all a resumed run needs to go on as an uninterrupted one would."""
-        if self.unread is not None:  # on a GPU: this update's logs first (and its loss checked), then the file
-            unread, self.unread = self.unread, None
-            self.read(unread)
-        # Parameters and optimizer are the same on every rank; envs and random streams are each rank's own.
-        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        rank_state = {"envs": envs_state(self.envs), "next_obs": self.obs[-1].cpu().numpy(),
-                      "next_valid": self.valid[-1].copy(),
-                      "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                              "python": random.getstate(), "cuda": cuda}}
+    def flush(self) -> None:
+        for tag, value, step in self.scalars:
+            self.writer.add_scalar(tag, value, step)
+        self.scalars.clear()
+        self.writer.flush()
+
+    def checkpoint(self, after_crash: bool = False) -> None:
+        """Write runs/<run>/checkpoint.pt: all a resumed run needs to go on as an uninterrupted one would. It holds only
+        tensors, numbers, strings and bytes (the envs, pickled), so reading it runs no code. After a crash it holds the
+        last completed update without its envs: a resumed run starts new episodes."""
+        iteration, step = (self.iteration - 1, self.done_step) if after_crash else (self.iteration, self.global_step)
+        numpy_rng = np.random.get_state()
+        rank_state = {"envs": envs_state(self.envs, with_envs=not after_crash),
+                      "carried": [torch.as_tensor(b[-1]).cpu().clone() for b in self.buffers],
+                      "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                              "numpy": (*numpy_rng[:1], torch.from_numpy(numpy_rng[1].astype(np.int64)), *numpy_rng[2:]),
+                              "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}}
         ranks = [rank_state]
-        if self.world_size > 1:
+        if self.world_size > 1:  # parameters and Adam are the same on every rank; envs and random streams are not
             ranks = [None] * self.world_size if self.main else None
             dist.gather_object(rank_state, ranks, dst=0)
         self.last_checkpoint = time.time()
-        if not self.main:
-            return None
-        self.logger.flush()  # every scalar up to this update is on disk, so a crash now loses none of them
-        self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
-        save_atomic({"script": SCRIPT, "format": CHECKPOINT_FORMAT, "args": asdict(self.args),
-                     "iteration": self.iteration,
-                     "global_step": self.global_step, "model": self.agent.state_dict(),
-                     "optimizer": self.optimizer.state_dict(), "env_stats": env_stats(self.envs), "ranks": ranks,
-                     "episodes": self.episodes, "elapsed": self.elapsed(), "wandb_id": self.logger.wandb_id},
-                    self.checkpoint_path)
-        return self.checkpoint_path
+        if self.main:
+            self.flush()  # every scalar up to this update is on disk, so a crash now loses none of them
+            kept = sum(s <= step for s in self.episodes["steps"])
+            self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
+            write_file(self.checkpoint_path, {
+                "family": FAMILY, "script": SCRIPT, "format": CHECKPOINT_FORMAT, "args": asdict(self.args),
+                "iteration": iteration, "global_step": step, "model": self.agent.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "env_stats": env_stats(self.envs), "ranks": ranks,
+                "episodes": {k: v[:kept] for k, v in self.episodes.items()}, "elapsed": self.elapsed(),
+                "wandb_id": self.wandb.id if self.wandb else None})
 
-    # --- after the last update --------------------------------------------------------------------------
     def result(self, agent: nn.Module) -> dict:
         """Save the trained agent (with --save-model), and what train() returns."""
-        if self.unread is not None:  # the last update's logs, on a GPU
-            self.read(self.unread)
-        path = os.path.join(self.run_dir, "agent.pt")
+        self.closing = True
         if self.args.save_model and not self.interrupted and self.main:
             # The env statistics belong to the model: without them the policy would see other inputs.
-            save_atomic({"script": SCRIPT, "args": asdict(self.args), "model": agent.state_dict(),
-                         "env_stats": env_stats(self.envs)}, path)
+            write_file(os.path.join(self.run_dir, "agent.pt"), {"family": FAMILY, "script": SCRIPT, "args": asdict(
+                self.args), "model": agent.state_dict(), "env_stats": env_stats(self.envs)})
         return {"agent": agent, "run_dir": self.run_dir, "episodes": self.episodes, "global_step": self.global_step,
                 "interrupted": self.interrupted, "signal": self.signal, "env_stats": env_stats(self.envs)}
 
-    def __exit__(self, kind, error, traceback) -> None:
-        for signum, handler in self.handlers.items():
-            signal.signal(signum, handler)
+    def __exit__(self, kind, error, trace) -> None:
+        self.closing = True
+        unexpected = isinstance(error, Exception) and not isinstance(error, (UsageError, RunError))
+        memory = isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
+        if unexpected and not memory:
+            traceback.print_exception(kind, error, trace)
         try:
-            if self.progress is not None:
-                self.progress.close()
-            if self.main and self.logger is not None:  # the logs and result files first: nothing below may lose them
-                self.logger.close()
-                finished = error is None and not self.interrupted
-                summary = write_results(self.run_dir, self.args, self.episodes, self.global_step, self.elapsed(),
-                                        finished)
-                if error is None or isinstance(error, KeyboardInterrupt):
-                    self.progress.say(self.closing_line(summary))
+            if self.main and self.writer is not None:
+                # A crash outside an update leaves the last completed one intact: keep it (under torchrun the other
+                # ranks wait for this one, and the last checkpoint stands).
+                if isinstance(error, Exception) and not self.updating and self.iteration > self.first_iteration \
+                        and self.world_size == 1:
+                    self.checkpoint(after_crash=True)
+                self.flush()
+                self.writer.close()
+                if self.wandb is not None:
+                    self.wandb.finish()
+                    sys.modules["wandb"].tensorboard.unpatch()  # the next run in this process patches its own folder
+                self.say(self.finish(error))
+            elif self.main and not self.args.resume:
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing started: no folder left behind
+        except RunError as e:  # a disk fault while writing them
+            if error is None:
+                raise
+            print(f"error: {e}", file=sys.stderr)
         finally:
             try:
                 if self.envs is not None:
@@ -1364,47 +1158,61 @@ class Run:
                     if error is None:
                         dist.barrier()  # no rank tears down the process group while another still uses it
                     dist.destroy_process_group()
+                for signum, handler in self.handlers.items():
+                    signal.signal(signum, handler)
+        if unexpected:
+            raise RunError(f"out of memory ({first_line(error)}); lower --num-envs or --num-steps, or raise "
+                           "--num-minibatches" if memory else f"training stopped by {first_line(error)} (traceback "
+                           "above)") from None
 
-    def closing_line(self, summary: dict) -> str:
-        final = "no episode finished" if summary["final_return"] is None else \
-            f"final return {summary['final_return']:.2f} (mean of the last {min(100, summary['episodes'])} episodes)"
-        head = "finished" if summary["finished"] else (
-            f"stopped by {SIGNAL_NAMES.get(self.signal, 'request')}" if self.signal else "stopped")
-        line = (f"{head}: {self.global_step:,} of {self.args.total_timesteps:,} steps in {summary['time_s']:.0f} s "
-                f"({summary['sps']:,.0f} steps/s), {final}; files in {self.run_dir} (tensorboard --logdir runs)")
-        if self.interrupted and self.checkpoint_path:
-            command = f"python {SCRIPT}.py" if self.world_size == 1 else "the same torchrun command with"
+    def finish(self, error: Optional[BaseException]) -> str:
+        """Every finished episode to episodes.csv and the run's totals to summary.json (plain files for a spreadsheet
+        or the benchmark); returns the run's closing line."""
+        args, episodes, elapsed, step = self.args, self.episodes, self.elapsed(), self.global_step
+        rows = zip(episodes["steps"], (round(t, 3) for t in episodes["times"]), episodes["returns"], episodes["lengths"])
+        write_file(os.path.join(self.run_dir, "episodes.csv"), "".join(
+            f"{s},{t},{r},{n}\n" for s, t, r, n in [("global_step", "time_s", "return", "length"), *rows]).encode())
+        finished = error is None and not self.interrupted and step >= args.num_iterations * args.batch_size * \
+            args.world_size
+        final = float(np.mean(episodes["returns"][-100:])) if episodes["returns"] else None
+        summary = {"script": SCRIPT, "env_id": args.env_id, "seed": args.seed, "global_step": step,
+                   "total_timesteps": args.total_timesteps, "finished": finished, "time_s": round(elapsed, 3),
+                   "sps": round(step / max(elapsed, 1e-9), 1), "episodes": len(episodes["returns"]), "final_return": final}
+        write_file(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=1).encode())
+        head = "finished" if finished else "stopped by an error" if isinstance(error, Exception) else \
+            f"stopped by {SIGNAL_NAMES.get(self.signal, 'a signal')}" if self.signal else "stopped"
+        ended = "no episode finished" if final is None else \
+            f"final return {final:.2f} (mean of the last {min(100, len(episodes['returns']))} episodes)"
+        line = (f"{head}: {step:,} of {args.total_timesteps:,} steps in {elapsed:.0f} s ({summary['sps']:,.0f} "
+                f"steps/s), {ended}; files in {self.run_dir} (tensorboard --logdir runs)")
+        if self.checkpoint_path and not finished:
+            command = f"python {SCRIPT}" if self.world_size == 1 else "the same torchrun command with"
             line += f"\ncheckpoint written; continue with: {command} --resume {self.checkpoint_path}"
         return line
 
 
-# ----------------------------------------------------------------------------------------------------
-# Evaluation of a saved agent, and the command line
-# ----------------------------------------------------------------------------------------------------
+# --- evaluation of a saved agent, and the command line ------------------------------------------------------
 EVAL_SEED_OFFSET = 1_000_000_000  # evaluation episodes are seeded apart from every training env
 
 
 def evaluate(path: str, episodes: int, seed: Optional[int] = None, deterministic: bool = False,
-             video_dir: Optional[str] = None) -> np.ndarray:
-    """Play `episodes` episodes with a saved agent (or a checkpoint); returns their undiscounted returns.
-
-    seed: the env seed (default: EVAL_SEED_OFFSET + the training seed, so no training episode is replayed).
-    deterministic: the most likely action instead of a sample of the policy.
-    """
+             video_dir: Optional[str] = None) -> tuple[np.ndarray, int]:
+    """Play `episodes` episodes with a saved agent (or a checkpoint), running no code stored in the file; returns their
+    undiscounted returns and the env seed (default: EVAL_SEED_OFFSET + the training seed, so no training episode is
+    replayed). deterministic: the most likely action instead of a sample of the policy."""
     data = load_file(path, "--eval-checkpoint")
     args = dataclasses.replace(saved_args(data), async_envs=False)  # one env: no process of its own
+    check_args(args)  # the env's module imports, or one line says why not
     envs = make_envs(args, 1, video_dir)
-    check_spaces(args.env_id, envs)
     load_env_stats(envs, data.get("env_stats", {}))
     agent = Agent(envs)
     try:
         agent.load_state_dict(data["model"])
-    except RuntimeError as e:
-        raise UsageError(f"--eval-checkpoint {path} does not fit this network ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UsageError(f"--eval-checkpoint {path} does not fit this network ({first_line(e)})") from None
     seed = EVAL_SEED_OFFSET + args.seed if seed is None else seed
     torch.manual_seed(seed)
-    returns = []
-    next_obs, _ = envs.reset(seed=seed)
+    returns, (next_obs, _) = [], envs.reset(seed=seed)
     with torch.inference_mode():
         while len(returns) < episodes:
             action = agent.act(torch.as_tensor(next_obs, dtype=OBS_DTYPE), deterministic=deterministic)
@@ -1412,44 +1220,34 @@ def evaluate(path: str, episodes: int, seed: Optional[int] = None, deterministic
             if "_episode" in info:
                 returns.extend(info["episode"]["r"][info["_episode"]].tolist())
     envs.close()
-    return np.array(returns[:episodes])
+    return np.array(returns[:episodes]), seed
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Train, resume (--resume) or play a saved agent (--eval-checkpoint) from the command line; the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        # With --resume, the checkpoint's options are the defaults: only what is given again changes.
-        default = None
-        resume = next((a.split("=", 1)[1] for a in argv if a.startswith("--resume=")), None)
-        if "--resume" in argv and argv.index("--resume") + 1 < len(argv):
-            resume = argv[argv.index("--resume") + 1]
-        if resume:
-            default = saved_args(load_file(resume, "checkpoint"))
+        paths = [b for a, b in zip(argv, argv[1:]) if a == "--resume"] + [a[9:] for a in argv if a[:9] == "--resume="]
+        if len(paths) > 1:
+            raise UsageError(f"--resume is given {len(paths)} times ({', '.join(paths)}); give it once")
+        # With --resume, the checkpoint's options are the defaults: only what is given again changes. --help reads none.
+        default = saved_args(load_file(paths[0], "--resume")) if paths and not {"-h", "--help"} & set(argv) else None
         args = tyro.cli(Args, args=argv, default=default, description=__doc__.split("\n")[0])
         if args.eval_checkpoint:
             if args.world_size > 1:
                 raise UsageError("--eval-checkpoint plays in one process; run it with python, not torchrun")
-            if args.eval_episodes <= 0:
-                raise UsageError(f"--eval-episodes is {args.eval_episodes}; it must be a positive integer")
+            check_args(args)
             folder = os.path.basename(os.path.dirname(os.path.abspath(args.eval_checkpoint)))
-            video_dir = os.path.join("videos", "eval-" + folder) if args.capture_video else None
-            seed = args.eval_seed if args.eval_seed is not None else EVAL_SEED_OFFSET + saved_args(
-                load_file(args.eval_checkpoint, "--eval-checkpoint")).seed
-            returns = evaluate(args.eval_checkpoint, args.eval_episodes, seed, args.eval_deterministic, video_dir)
+            returns, seed = evaluate(args.eval_checkpoint, args.eval_episodes, args.eval_seed, args.eval_deterministic,
+                                     os.path.join("videos", "eval-" + folder) if args.capture_video else None)
             mode = "deterministic actions" if args.eval_deterministic else "actions sampled from the policy"
             print(f"{len(returns)} episodes ({mode}, env seed {seed}): return {returns.mean():.2f} +- "
                   f"{returns.std():.2f} (min {returns.min():.1f}, max {returns.max():.1f})")
             return 0
         result = train(args)
-    except UsageError as e:
+    except (UsageError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except gym.error.DependencyNotInstalled as e:
-        print(f"error: the env needs a package that is not installed: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt as e:
         print("interrupted", file=sys.stderr)
         return 128 + (e.args[0] if e.args else signal.SIGINT)
@@ -1457,10 +1255,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def exit_with(code: int) -> None:
-    """End the process with this exit status. A torchrun rank skips the interpreter's teardown: there,
-    after every file is written, Gloo's threads sometimes abort a rank ("terminate called without an
-    active exception"; one two-rank CPU run in sixty on a 2-core machine), and torchrun would report the
-    whole job as failed. By then main() has closed the logs, the envs and the process group."""
+    """End the process with this status; from here on a signal changes nothing (the run is over). A torchrun rank skips
+    the interpreter's teardown, where Gloo's threads sometimes abort a rank after every file is written ("terminate
+    called without an active exception"; one two-rank run in sixty), failing the whole job."""
+    for signum in SIGNAL_NAMES:
+        signal.signal(signum, signal.SIG_IGN)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
         sys.stderr.flush()
