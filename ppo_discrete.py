@@ -888,10 +888,10 @@ def write_file(path: str, data: bytes | dict) -> None:
         raise RunError(f"cannot write {path} ({e.strerror}); the last good file there, if any, is kept") from None
 
 
-LOADED: dict = {}  # each file is read once per process
+LOADED: dict = {}  # the file main() read for the options, handed on to the run: each file is read once per invocation
 
 
-def load_file(path: str, what: str) -> dict:
+def load_file(path: str, what: str, keep: bool = False) -> dict:
     """A saved agent or checkpoint of this env family, read with weights_only=True: no code stored in it runs."""
     if not os.path.isfile(path):
         raise UsageError(f"{what} {path} is a folder; pass the file in it, e.g. {os.path.join(path, 'checkpoint.pt')}"
@@ -899,7 +899,8 @@ def load_file(path: str, what: str) -> dict:
                          "runs/<run_name>/checkpoint.pt or agent.pt")
     stat = os.stat(path)
     key = (os.path.abspath(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
-    if key not in LOADED:
+    data = LOADED.pop(key, None)
+    if data is None:
         why = ("a checkpoint holds its envs pickled, and resuming one runs code from it: resume only your own runs, "
                "share agent.pt") if what == "--resume" else "no code stored in it was run"
         try:
@@ -911,8 +912,9 @@ def load_file(path: str, what: str) -> dict:
         family = data.get("family", str(data.get("script")).removeprefix("ppo_"))  # older files name their script
         if family != FAMILY:
             raise UsageError(f"{what} {path} holds a {family} agent; this script trains {FAMILY} ones")
+    if keep:
         LOADED[key] = data
-    return LOADED[key]
+    return data
 
 
 def saved_args(data: dict) -> Args:
@@ -1125,22 +1127,7 @@ class Run:
         self.scalars.extend((k, v, step) for k, v in metrics.items())
         if len(self.scalars) >= 50 * len(metrics):
             self.flush()
-        # Explained variance is noisy from one batch to the next, and says little while returns barely vary.
-        self.recent_ev = (self.recent_ev + [values[n] if values[n + 1] else math.nan])[-20:]
-        ev = float(np.nanmean(self.recent_ev)) if np.isfinite(self.recent_ev).sum() >= 10 else 0.0
-        kl, ess = metrics["losses/approx_kl"], metrics["losses/ess"]
-        kl_limit = 2 * self.args.target_kl if self.args.target_kl is not None else 0.05  # far above target (~0.01)
-        for kind, bad, message in [  # PPO's instability signals, each a warning line the first time it goes bad
-                ("kl", kl > kl_limit, f"approx KL {kl:.3f} > {kl_limit:.3f}: the policy moves far per update; lower "
-                 "--learning-rate or --update-epochs, or set --target-kl"),
-                ("ev", ev < 0 and self.iteration > self.args.num_iterations // 2, f"explained variance averaged {ev:.2f}"
-                 " < 0 over the last 20 updates: the critic predicts returns worse than their mean, so advantages are "
-                 "mostly noise"),
-                ("ess", ess < 0.5, f"effective sample size fell to {ess:.2f} of the batch: a few samples dominate the "
-                 "gradient; lower --learning-rate or --clip-coef")]:
-            if bad and kind not in self.warned:
-                self.warned.add(kind)
-                self.say(f"warning: {message} (at step {step}; shown once)")
+        self.check_health(metrics, values[n + 1] > 0)
         live = sys.stderr.isatty()  # a line redrawn in place in a terminal, else (logs) a line every 5% of the steps
         if self.args.progress and (live or step >= self.next_line):
             line = (f"step {step:,}/{total:,} ({100 * step / total:.0f}%)  {sps:,.0f} steps/s  return {ret:.1f}  "
@@ -1148,16 +1135,37 @@ class Run:
             print(f"\r{line}\033[K" if live else line, end="" if live else "\n", file=sys.stderr, flush=True)
             self.next_line, self.drawn = step + max(total // 20, 1), live
 
+    def check_health(self, metrics: dict[str, float], returns_vary: bool) -> None:
+        """PPO's instability signals, each a warning line the first time it goes bad."""
+        # Explained variance is noisy from one batch to the next, and says little while returns barely vary.
+        self.recent_ev = (self.recent_ev + [metrics["losses/explained_variance"] if returns_vary else math.nan])[-20:]
+        ev = float(np.nanmean(self.recent_ev)) if np.isfinite(self.recent_ev).sum() >= 10 else 0.0
+        kl, ess, late = metrics["losses/approx_kl"], metrics["losses/ess"], self.iteration > self.args.num_iterations // 2
+        kl_limit = 2 * self.args.target_kl if self.args.target_kl is not None else 0.05  # far above target (~0.01)
+        for kind, bad, message in [
+                ("kl", kl > kl_limit, f"approx KL {kl:.3f} > {kl_limit:.3f}: the policy moves far per update; lower "
+                 "--learning-rate or --update-epochs, or set --target-kl"),
+                ("ev", late and ev < 0, f"explained variance averaged {ev:.2f} < 0 over the last 20 updates: the critic "
+                 "predicts returns worse than their mean, so advantages are mostly noise"),
+                ("ess", ess < 0.5, f"effective sample size fell to {ess:.2f} of the batch: a few samples dominate the "
+                 "gradient; lower --learning-rate or --clip-coef")]:
+            if bad and kind not in self.warned:
+                self.warned.add(kind)
+                self.say(f"warning: {message} (at step {self.global_step}; shown once)")
+
     def say(self, message: str) -> None:
         if self.main:
             print("\n" * self.drawn + message, file=sys.stderr, flush=True)  # below the progress line, if drawn
             self.drawn = False
 
     def flush(self) -> None:
-        for tag, value, step in self.scalars:
-            self.writer.add_scalar(tag, value, step)
-        self.scalars.clear()
-        self.writer.flush()
+        try:
+            for tag, value, step in self.scalars:
+                self.writer.add_scalar(tag, value, step)
+            self.scalars.clear()
+            self.writer.flush()
+        except OSError as e:
+            raise RunError(f"cannot write the TensorBoard log in {self.run_dir} ({e.strerror})") from None
 
     def checkpoint(self, after_crash: bool = False) -> None:
         """Write runs/<run>/checkpoint.pt: all a resumed run needs to go on as an uninterrupted one would. It holds only
@@ -1208,13 +1216,14 @@ class Run:
                 # ranks wait for this one, and the last checkpoint stands).
                 if isinstance(error, Exception) and not self.updating and self.iteration > self.first_iteration \
                         and self.world_size == 1:
-                    self.checkpoint(after_crash=True)
+                    with contextlib.suppress(RunError):  # a disk fault leaves the last good checkpoint in place
+                        self.checkpoint(after_crash=True)
+                self.say(self.finish(error))  # first: a fault of the logs below cannot lose the result files
                 self.flush()
                 self.writer.close()
                 if self.wandb is not None:
                     self.wandb.finish()
                     sys.modules["wandb"].tensorboard.unpatch()  # the next run in this process patches its own folder
-                self.say(self.finish(error))
             elif self.main and not self.args.resume:
                 shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing started: no folder left behind
         except RunError as e:  # a disk fault while writing them
@@ -1303,7 +1312,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if len(paths) > 1:
             raise UsageError(f"--resume is given {len(paths)} times ({', '.join(paths)}); give it once")
         # With --resume, the checkpoint's options are the defaults: only what is given again changes. --help reads none.
-        default = saved_args(load_file(paths[0], "--resume")) if paths and not {"-h", "--help"} & set(argv) else None
+        read = paths and not {"-h", "--help"} & set(argv)
+        default = saved_args(load_file(paths[0], "--resume", keep=True)) if read else None
         args = tyro.cli(Args, args=argv, default=default, description=__doc__.split("\n")[0])
         if args.eval_checkpoint:
             if args.world_size > 1:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmark", "results")
+RESULTS = os.path.join(ROOT, "docs", "results")  # published results: the benchmarks write there unless told --out
 REFERENCES = os.path.join(ROOT, "benchmark", "references.json")
 
 

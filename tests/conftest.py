@@ -1,3 +1,4 @@
+import importlib
 import os
 import sys
 
@@ -6,6 +7,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from helpers import SCRIPTS, register_test_envs  # noqa: E402
+
+register_test_envs()
 
 
 @pytest.fixture(autouse=True)
@@ -16,3 +21,9 @@ def in_tmp_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("MUJOCO_GL", "egl")
     return tmp_path
+
+
+@pytest.fixture(params=SCRIPTS)
+def ppo(request):
+    """Each of the three scripts, as a module."""
+    return importlib.import_module(request.param)

@@ -1,20 +1,21 @@
-"""DETAILS.md as data: its tables of implementation details, each row with the break that must be caught.
+"""DETAILS.md as data: its tables of implementation details, joined with the break of each row (tests/breaks.py).
 
-A row has five columns: detail, scripts (all, or some of discrete, continuous, atari), where (backticked
-names of the scripts), checked by (backticked tests/<file>.py::<test>), and break: the smallest careless
-edit of that detail, as one or more `old` → `new` replacements made in each of the row's scripts. A `|`
-inside a cell is written `\\|`.
+A row has three columns: detail, where and checked by. `where` names the functions that hold the detail, in
+backticks, after the scripts that have it when not all three do (`ppo_continuous.py`: `make_envs`); `checked by`
+names tests as backticked tests/<file>.py::<test>. A `|` inside a cell is written `\\|`.
 """
 
 import os
 import re
 
+from breaks import BREAKS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COLUMNS = ["detail", "scripts", "where", "checked by", "break"]
-MODULES = {"discrete": "ppo_discrete", "continuous": "ppo_continuous", "atari": "ppo_atari"}
+COLUMNS = ["detail", "where", "checked by"]
+SCRIPTS = ["ppo_discrete", "ppo_continuous", "ppo_atari"]
 BACKTICKED = re.compile(r"`([^`]+)`")
-TEST_WITH_NOTE = re.compile(r"`(tests/[^`]+)`(?:\s*\(([^)]*)\))?")
-REPLACEMENT = re.compile(r"`([^`]+)` → `([^`]*)`")
+TEST = re.compile(r"`(tests/[^`]+)`")
+SCRIPT_NAMES = re.compile(r"^((?:\s*`ppo_\w+\.py`,?)+)\s*:")
 
 
 def cells(line: str) -> list[str]:
@@ -32,34 +33,34 @@ def read_map(path: str = os.path.join(ROOT, "DETAILS.md")) -> dict[str, list[dic
                 header = None
             elif header is None:
                 header = cells(line)
-            elif header[:4] == COLUMNS[:4] and not set(line.strip()) <= set("|-: "):  # a row, not the |---| line
-                row = cells(line) + [""] * len(COLUMNS)  # a missing cell reads as empty
-                sections.setdefault(heading, []).append(dict(zip(COLUMNS, row)))
+            elif header == COLUMNS and not set(line.strip()) <= set("|-: "):  # a row, not the |---| line
+                sections.setdefault(heading, []).append(dict(zip(COLUMNS, cells(line) + [""] * 3)))
     return sections
 
 
 def row_id(row: dict) -> str:
-    return row["detail"].split(":")[0]
+    """The row's name in tests/breaks.py: the longest key its detail starts with (else the detail up to a colon)."""
+    return next((key for key in sorted(BREAKS, key=len, reverse=True) if row["detail"].startswith(key)),
+                row["detail"].split(":")[0])
 
 
 def modules(row: dict) -> list[str]:
-    names = row["scripts"].replace("`", "")
-    scripts = list(MODULES) if names == "all" else [s.strip() for s in names.split(",")]
-    unknown = [s for s in scripts if s not in MODULES]
-    assert not unknown, f"row '{row['detail']}': unknown script(s) {unknown} in `scripts` (use all, or {', '.join(MODULES)})"
-    return [MODULES[s] for s in scripts]
+    """The scripts that have the detail: those named at the start of `where`, or all three."""
+    named = SCRIPT_NAMES.match(row["where"])
+    return [s.removesuffix(".py") for s in BACKTICKED.findall(named.group(1))] if named else list(SCRIPTS)
 
 
-def tests_of(row: dict, module: str = None) -> list[str]:
-    """The pytest node ids of the row's `checked by` column; with module, only the tests that cover that
-    script (a test followed by a bracket that starts with a script's name covers that script alone)."""
-    tests = []
-    for test, note in TEST_WITH_NOTE.findall(row["checked by"]):
-        only = re.match(r"(discrete|continuous|atari)\b", note)
-        if module is None or only is None or MODULES[only.group(1)] == module:
-            tests.append(test)
-    return tests
+def names(row: dict) -> list[str]:
+    """The functions (and classes, methods) `where` names, without the scripts."""
+    named = SCRIPT_NAMES.match(row["where"])
+    return BACKTICKED.findall(row["where"][named.end() if named else 0:])
 
 
-def replacements(row: dict) -> list[tuple[str, str]]:
-    return REPLACEMENT.findall(row["break"])
+def checks_of(row: dict) -> list[str]:
+    return TEST.findall(row["checked by"])
+
+
+def break_of(row: dict) -> dict:
+    """{"edits": [(old, new), ...], "only": a script the break is made in alone, or None}."""
+    entry = BREAKS.get(row_id(row))
+    return None if entry is None else {"edits": entry["edits"], "only": entry.get("only")}

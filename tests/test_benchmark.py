@@ -1,4 +1,5 @@
-"""The benchmark suite and its report: the statistics, the report on fabricated runs, and tiny suites end to end."""
+"""The returns benchmark and its report: the statistics, the report on fabricated runs, tiny suites end to end, and
+where the benchmarks publish."""
 
 import csv
 import json
@@ -14,14 +15,15 @@ from helpers import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
 import common  # noqa: E402
-import report  # noqa: E402
-import suite  # noqa: E402
+import masking_ablation  # noqa: E402
+import returns  # noqa: E402
+import returns_report as report  # noqa: E402
 
 TINY = ["--envs", "CartPole-v1", "--total-timesteps", "1024", "--jobs", "1"]
 
 
-def run_suite(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "suite.py"), *args], capture_output=True,
+def run_returns(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "returns.py"), *args], capture_output=True,
                           text=True, timeout=300)
 
 
@@ -150,29 +152,48 @@ def test_every_env_of_every_suite_has_a_reference_entry():
     assert refs["BreakoutNoFrameskip-v4"]["mean"] == 414.66
 
 
+def test_the_report_writes_the_published_files(tmp_path):
+    # The report goes straight to docs/results/<suite>/: it must write the files published there, under their names.
+    assert common.RESULTS == os.path.join(ROOT, "docs", "results")
+    assert returns.Args("classic").out == common.RESULTS
+    folder = str(tmp_path / "classic")
+    fake_run(folder, "CartPole-v1__1", "CartPole-v1", 1, 480.0)
+    report.write_report(folder)
+    written = set(os.listdir(folder)) - {"runs"}
+    assert written == {"results.md", "results.csv", "curves_steps.png", "curves_time.png"}
+    for suite in common.SUITES:
+        assert written <= set(os.listdir(os.path.join(common.RESULTS, suite))), suite
+    masking = masking_ablation.Args().out
+    assert masking == os.path.join(common.RESULTS, "masking")
+    assert {"results.md", "results.json", "curves.png"} <= set(os.listdir(masking))
+
+
 # ----------------------------------------------------------------------------------------------------
-# The suite
+# The returns benchmark
 # ----------------------------------------------------------------------------------------------------
-def test_suite_runs_then_reruns_nothing(tmp_path):
+def test_returns_benchmark_runs_then_reruns_nothing(tmp_path):
     out = str(tmp_path / "results")
-    first = run_suite("classic", *TINY, "--seeds", "2", "--out", out)
+    first = run_returns("classic", *TINY, "--seeds", "2", "--out", out)
     assert first.returncode == 0, first.stdout + first.stderr
     folder = os.path.join(out, "classic")
     summaries = [os.path.join(folder, "runs", f"CartPole-v1__{s}", "summary.json") for s in (1, 2)]
-    for path in summaries:
+    for seed, path in zip((1, 2), summaries):
         assert json.load(open(path))["global_step"] == 1024
-        assert os.path.exists(os.path.join(os.path.dirname(path), "output.log"))
+        # The log lies outside the run folder, which the script makes itself.
+        log = os.path.join(folder, "logs", f"CartPole-v1__{seed}.log")
+        assert f"--run-name CartPole-v1__{seed}" in open(log).readline()
+        assert not os.path.exists(os.path.join(os.path.dirname(path), "output.log"))
     assert int(read_csv(os.path.join(folder, "results.csv"))["CartPole-v1"]["seeds"]) == 2
     assert is_png(os.path.join(folder, "curves_steps.png")) and is_png(os.path.join(folder, "curves_time.png"))
 
     stamps = [os.stat(p).st_mtime_ns for p in summaries]
-    second = run_suite("classic", *TINY, "--seeds", "2", "--out", out)
+    second = run_returns("classic", *TINY, "--seeds", "2", "--out", out)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "2 of the 2 runs already finished" in second.stdout and "start" not in second.stdout
     assert [os.stat(p).st_mtime_ns for p in summaries] == stamps
 
 
-def test_suite_resumes_a_stopped_run_and_reports_a_failed_one(tmp_path, monkeypatch):
+def test_returns_benchmark_resumes_restarts_or_reports_each_unfinished_run(tmp_path, monkeypatch):
     folder = tmp_path / "classic"
     folder.mkdir()
     monkeypatch.chdir(folder)
@@ -184,23 +205,28 @@ def test_suite_resumes_a_stopped_run_and_reports_a_failed_one(tmp_path, monkeypa
     # Seed 2: a checkpoint that cannot be read, so the run fails.
     os.makedirs("runs/CartPole-v1__2")
     open("runs/CartPole-v1__2/checkpoint.pt", "w").write("not a checkpoint")
+    # Seed 3: killed before its first checkpoint; its folder must go, or the script refuses to start the run again.
+    os.makedirs("runs/CartPole-v1__3")
+    open("runs/CartPole-v1__3/episodes.csv", "w").write("global_step,time_s,return,length\n")
 
-    result = run_suite("classic", *TINY, "--seeds", "2", "--out", str(tmp_path))
+    result = run_returns("classic", *TINY, "--seeds", "3", "--out", str(tmp_path))
     assert result.returncode == 1, result.stdout + result.stderr
     assert "start CartPole-v1__1 (resuming from its checkpoint)" in result.stdout
     assert "FAILED CartPole-v1__2" in result.stdout and "cannot be read" in result.stdout
     assert "1 run(s) failed: CartPole-v1__2" in result.stderr
     assert json.load(open("runs/CartPole-v1__1/summary.json"))["global_step"] == 1024
-    assert "--resume" in open("runs/CartPole-v1__1/output.log").readline()
+    assert "--resume" in open("logs/CartPole-v1__1.log").readline()
+    assert "start CartPole-v1__3\n" in result.stdout and "--run-name" in open("logs/CartPole-v1__3.log").readline()
+    assert json.load(open("runs/CartPole-v1__3/summary.json"))["global_step"] == 1024
     whole = report.read_episodes("runs/CartPole-v1__1/episodes.csv")
     n = len(partial["return"])
     np.testing.assert_array_equal(whole["return"][:n], partial["return"])  # the first half is kept, not re-run
-    assert int(read_csv("results.csv")["CartPole-v1"]["seeds"]) == 1  # the report still comes out
+    assert int(read_csv("results.csv")["CartPole-v1"]["seeds"]) == 2  # the report still comes out
 
 
-def test_suite_refuses_bad_input(tmp_path, capsys):
+def test_returns_benchmark_refuses_bad_input(tmp_path, capsys):
     def refused(argv, expected, out=str(tmp_path)):
-        assert suite.main(argv + ["--out", out]) == 2
+        assert returns.main(argv + ["--out", out]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and expected in err, err
 

@@ -81,11 +81,11 @@ def test_two_ranks_hold_identical_parameters_and_count_global_steps(two_rank_run
 
 
 def test_same_updates_as_one_process_with_the_same_global_batch(two_rank_run, in_tmp_dir):
-    ckpt2 = torch.load(two_rank_run / "runs" / "full" / "checkpoint.pt", weights_only=False)
+    ckpt2 = torch.load(two_rank_run / "runs" / "full" / "checkpoint.pt", weights_only=True)
     # One process with 4 envs collects the same 256 transitions per update as 2 ranks with 2 each.
     ppo_discrete.train(ppo_discrete.Args(total_timesteps=2048, num_envs=4, num_steps=64, progress=False,
                                          checkpoint_every=4, run_name="one"))
-    ckpt1 = torch.load(in_tmp_dir / "runs" / "one" / "checkpoint.pt", weights_only=False)
+    ckpt1 = torch.load(in_tmp_dir / "runs" / "one" / "checkpoint.pt", weights_only=True)
     assert ckpt1["iteration"] == ckpt2["iteration"] == 8
     assert ckpt1["global_step"] == ckpt2["global_step"] == 2048
     # The same number of Adam steps (8 updates x 4 epochs x 4 minibatches) on minibatches of the same size.
@@ -136,7 +136,7 @@ def test_continuous_ranks_share_parameters_and_normalization(in_tmp_dir):
     for k in ("mean", "var"):
         torch.testing.assert_close(r0["obs_rms"][k], r1["obs_rms"][k], rtol=0, atol=0)
     assert r0["obs_rms"]["count"] == pytest.approx(2048 + 2, abs=1)
-    saved = torch.load(in_tmp_dir / "runs" / "c" / "agent.pt", weights_only=False)
+    saved = torch.load(in_tmp_dir / "runs" / "c" / "agent.pt", weights_only=True)
     torch.testing.assert_close(saved["env_stats"]["obs_rms"]["mean"], r0["obs_rms"]["mean"], rtol=0, atol=0)
 
 
@@ -157,8 +157,8 @@ def test_action_masks_travel_with_the_observations_across_ranks(in_tmp_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = ranks(in_tmp_dir / "out")
     assert same_params(r0["model"], r1["model"])
-    ckpt = torch.load(in_tmp_dir / "runs" / "taxi" / "checkpoint.pt", weights_only=False)
-    assert all(rank["next_obs"].shape == (2, 500 + 6) for rank in ckpt["ranks"])  # one-hot state, then the mask
+    ckpt = torch.load(in_tmp_dir / "runs" / "taxi" / "checkpoint.pt", weights_only=True)
+    assert all(rank["carried"][0].shape == (2, 500 + 6) for rank in ckpt["ranks"])  # one-hot state, then the mask
 
 
 # Each script on an env whose ranks see data of their own and whose episodes do not end within the run:
@@ -191,7 +191,7 @@ def test_two_ranks_update_like_one_process_with_the_same_global_batch(module, in
     one = subprocess.run([sys.executable, WORKER, module, str(in_tmp_dir / "one"), *common, "--num-envs", str(2 * n),
                           "--run-name", "one"], capture_output=True, text=True, timeout=120, env={**os.environ, **patches})
     assert one.returncode == 0, one.stderr[-3000:]
-    single = torch.load(in_tmp_dir / "one" / "rank0.pt", weights_only=False)
+    single = torch.load(in_tmp_dir / "one" / "rank0.pt", weights_only=True)
     r0 = ranks(in_tmp_dir / "two")[0]
     assert r0["global_step"] == single["global_step"] == total
     # Exact but for the order of float32 sums (two means of half the batch averaged, against one mean of

@@ -1,6 +1,6 @@
-"""Benchmark report from the runs' own files: final returns over seeds beside the published figures, and learning curves.
+"""Returns report from the runs' own files: final returns over seeds beside the published figures, and learning curves.
 
-    python benchmark/report.py benchmark/results/classic     # after python benchmark/suite.py classic
+    python benchmark/returns_report.py docs/results/classic     # after python benchmark/returns.py classic
 
 Reads <folder>/runs/*/summary.json and episodes.csv, and writes into <folder>: results.csv, results.md,
 curves_steps.png (return against env steps) and curves_time.png (return against wall time).
@@ -252,7 +252,7 @@ def write_report(folder: str, references: str = REFERENCES) -> list[dict]:
 @dataclass
 class Args:
     folder: tyro.conf.Positional[str]
-    """a suite's results folder, holding runs/ (e.g. benchmark/results/classic)"""
+    """a suite's results folder, holding runs/ (e.g. docs/results/classic)"""
     references: str = REFERENCES
     """JSON file with the published figures to compare against"""
 
@@ -260,7 +260,7 @@ class Args:
 if __name__ == "__main__":
     args = tyro.cli(Args, description=__doc__.split("\n")[0])
     if not os.path.isdir(os.path.join(args.folder, "runs")):
-        print(f"error: {args.folder} has no runs/ folder; pass a suite's results folder, e.g. benchmark/results/classic",
+        print(f"error: {args.folder} has no runs/ folder; pass a suite's results folder, e.g. docs/results/classic",
               file=sys.stderr)
         sys.exit(2)
     write_report(args.folder, args.references)

@@ -1,12 +1,14 @@
-"""Benchmark suite: every env of a suite over several seeds, runs in parallel, resumable; then the report.
+"""Returns benchmark: every env of a suite over several seeds, runs in parallel, resumable; then the report.
 
-    python benchmark/suite.py classic                  # CartPole, Acrobot, MountainCar, LunarLander: 3 seeds of 500k
-    python benchmark/suite.py mujoco --envs Hopper-v5 Walker2d-v5 --seeds 5
-    python benchmark/suite.py classic --total-timesteps 50000 --out /tmp/bench    # a quick look on a small machine
-    python benchmark/suite.py classic --report-only    # rewrite the report from the runs already there
+    python benchmark/returns.py classic                  # CartPole, Acrobot, MountainCar, LunarLander: 3 seeds of 500k
+    python benchmark/returns.py mujoco --envs Hopper-v5 Walker2d-v5 --seeds 5
+    python benchmark/returns.py classic --total-timesteps 50000 --out /tmp/bench    # a quick look on a small machine
+    python benchmark/returns.py classic --report-only    # rewrite the report from the runs already there
 
-Each run is the script itself, started in <out>/<suite>/ with the run name <env_id>__<seed>: its files and
-its log (output.log) go to <out>/<suite>/runs/<env_id>__<seed>/. Ctrl-C stops the suite cleanly: every
+The report (results.md, results.csv, curves_*.png) goes to <out>/<suite>/, by default docs/results/<suite>/: the
+published results. Each run is the script itself, started in <out>/<suite>/ with the run name <env_id>__<seed>:
+the script makes its folder <out>/<suite>/runs/<env_id>__<seed>/ and refuses one that is there already, so the
+run's log goes beside it, to <out>/<suite>/logs/<env_id>__<seed>.log. Ctrl-C stops the suite cleanly: every
 run finishes its update and writes a checkpoint. The same command later skips the finished runs and
 resumes the others from their checkpoints.
 """
@@ -27,7 +29,7 @@ from rich.console import Console
 from rich.text import Text
 
 from common import RESULTS, SUITES, python, run_name, script_path
-from report import write_report
+from returns_report import write_report
 
 STATUS_EVERY = 300.0  # seconds between status lines when the output is not a terminal
 
@@ -47,7 +49,7 @@ class Args:
     threads_per_job: int = 1
     """torch threads per run, passed as --torch-threads"""
     out: str = RESULTS
-    """results folder: the suite's runs and report go to <out>/<suite>/"""
+    """results folder, by default the published one: the suite's runs, logs and report go to <out>/<suite>/"""
     report_only: bool = False
     """run nothing: only write the report from the runs already there"""
 
@@ -112,6 +114,10 @@ class Runner:
         self.live = None
         self.last_status = time.time()
 
+    def log_path(self, job: Job) -> str:
+        """The run's log, outside its run folder: the script makes that folder itself and refuses one that exists."""
+        return os.path.join(self.folder, "logs", job.name + ".log")
+
     def command(self, job: Job) -> list[str]:
         ckpt = os.path.join("runs", job.name, "checkpoint.pt")
         extra = ["--torch-threads", self.args.threads_per_job, "--checkpoint-every", self.suite.checkpoint_every]
@@ -127,8 +133,8 @@ class Runner:
         resume = "--resume" in cmd
         if not resume and os.path.exists(run_dir):
             shutil.rmtree(run_dir)  # a run that neither finished nor left a checkpoint: start it afresh
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "output.log"), "a" if resume else "w") as log:
+        os.makedirs(os.path.dirname(self.log_path(job)), exist_ok=True)
+        with open(self.log_path(job), "a" if resume else "w") as log:
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
             # A session of its own: Ctrl-C reaches only the suite, which then stops each run exactly once.
@@ -151,7 +157,7 @@ class Runner:
                 self.event(f"stopped {job.name} after {took}; it resumes from its checkpoint next time")
             else:
                 self.failed.append(job.name)
-                log = os.path.join(run_dir, "output.log")
+                log = self.log_path(job)
                 self.event(f"FAILED {job.name} (exit status {job.proc.returncode}); the end of {log}:", style="red")
                 self.console.print(Text(log_tail(log).rstrip()), soft_wrap=True)
 
@@ -171,16 +177,14 @@ class Runner:
                     Text(f"{head}, {len(self.running)} running"))
         runs = Table(box=None, show_header=False, padding=(0, 2))
         for job in self.running:
-            log = os.path.join(self.folder, "runs", job.name, "output.log")
-            runs.add_row(job.name, latest_step(log), duration(time.time() - job.started))
+            runs.add_row(job.name, latest_step(self.log_path(job)), duration(time.time() - job.started))
         return Group(top, runs)
 
     def status_line(self) -> None:
         """Without a terminal, a line now and then says how far each running run is."""
         if self.live is None and time.time() - self.last_status >= STATUS_EVERY:
             self.last_status = time.time()
-            running = ", ".join(f"{j.name} {latest_step(os.path.join(self.folder, 'runs', j.name, 'output.log'))}".strip()
-                                for j in self.running)
+            running = ", ".join(f"{j.name} {latest_step(self.log_path(j))}".strip() for j in self.running)
             self.event(f"running: {running}")
 
     def run(self, jobs: int) -> bool:
@@ -271,7 +275,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{len(runner.failed)} run(s) failed: {', '.join(runner.failed)}", file=sys.stderr)
 
     if not os.path.isdir(os.path.join(folder, "runs")):
-        return error(f"{folder} holds no runs yet; run python benchmark/suite.py {args.suite} first")
+        return error(f"{folder} holds no runs yet; run python benchmark/returns.py {args.suite} first")
     try:
         rows = write_report(folder)
     except ModuleNotFoundError as e:

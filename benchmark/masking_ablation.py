@@ -1,11 +1,11 @@
 """Invalid-action masking: the same runs of ppo_discrete.py with and without masks, over seeds.
 
-    python benchmark/masking.py                    # Lock-v0 (below) and Taxi-v4, 3 seeds each, with and without
-    python benchmark/masking.py --envs Taxi-v4 --seeds 5
+    python benchmark/masking_ablation.py           # Lock-v0 (below) and Taxi-v4, 3 seeds each, with and without
+    python benchmark/masking_ablation.py --envs Taxi-v4 --seeds 5
 
-Writes <out>/results.md (steps until the mean return of the last 100 episodes reaches the env's threshold,
-and the final return: the mean of the last 100 episodes, mean ± std over seeds) and <out>/curves.png.
-Runs go one after another in this process.
+Writes into <out>, by default docs/results/masking/ (the published results): results.md (steps until the mean
+return of the last 100 episodes reaches the env's threshold, and the final return: the mean of the last 100
+episodes, mean ± std over seeds), results.json and curves.png. Runs go one after another in this process.
 """
 
 import json
@@ -86,7 +86,7 @@ class Args:
 def run(env_id: str, seed: int, masks: bool) -> dict:
     ppo = load_script("ppo_discrete")
     cwd = os.getcwd()
-    os.chdir(tempfile.mkdtemp())
+    os.chdir(tempfile.mkdtemp())  # a new folder for each run: the script refuses a run folder that exists
     try:
         result = ppo.train(ppo.Args(env_id=env_id, seed=seed, action_masks=masks, progress=False, checkpoint_minutes=0,
                                     total_timesteps=ENVS[env_id]["total_timesteps"], run_name="run"))

@@ -1,11 +1,12 @@
 """Speed benchmark: steps/s and wall time to a return threshold, ours side by side with Stable-Baselines3.
 
     pip install -r benchmark/requirements.txt
-    python benchmark/speed.py                         # ppo_discrete.py vs SB3 on CartPole-v1, seeds 1 2 3
-    python benchmark/speed.py --algo continuous --seeds 1 --total-timesteps 100000
+    python benchmark/speed_vs_sb3.py                  # ppo_discrete.py vs SB3 on CartPole-v1, seeds 1 2 3
+    python benchmark/speed_vs_sb3.py --algo continuous --seeds 1 --total-timesteps 100000
 
 Both implementations get the same hyperparameters and one torch thread. Runs go one after another,
-each in its own process, so they never compete for the machine's cores.
+each in its own process, so they never compete for the machine's cores. The table is printed, and the
+numbers behind it go to <out>/speed-<algo>-<env_id>.json (by default docs/results/speed_vs_sb3/).
 """
 
 import json
@@ -65,7 +66,7 @@ class Bench:
     """budget per run (default: the script's default)"""
     sb3: bool = True
     """also run Stable-Baselines3 with the same hyperparameters"""
-    out: str = RESULTS
+    out: str = os.path.join(RESULTS, "speed_vs_sb3")
     """folder for the JSON results"""
     worker: Optional[str] = None
     """internal: run one job (ours or sb3) and print its result as JSON"""
@@ -88,7 +89,7 @@ def time_to_threshold(steps, times, returns, threshold, window):
 
 def run_ours(cfg: dict, seed: int, total: int) -> dict:
     module = load_script(cfg["script"])
-    os.chdir(tempfile.mkdtemp())
+    os.chdir(tempfile.mkdtemp())  # a new folder for each run: the script refuses a run folder that exists
     args = module.Args(env_id=cfg["env_id"], seed=seed, total_timesteps=total, progress=False, run_name=f"bench-{seed}",
                        **cfg.get("ours", {}))
     start = time.time()

@@ -1,9 +1,9 @@
 """Steps per second of one script in each way of running it: the envs in this process or each in a process
 of its own (--async-envs), eager or compiled (--compile), fp32 or bfloat16 (--bf16, ppo_atari.py).
 
-    python benchmark/modes.py                                   # ppo_atari.py on Breakout, 20,480 steps a mode
-    python benchmark/modes.py --cuda --total-timesteps 102400   # the same on a GPU machine
-    python benchmark/modes.py --algo continuous --num-envs 16   # HalfCheetah-v5 with 16 envs
+    python benchmark/speed_modes.py                                   # ppo_atari.py on Breakout, 20,480 steps a mode
+    python benchmark/speed_modes.py --cuda --total-timesteps 102400   # the same on a GPU machine
+    python benchmark/speed_modes.py --algo continuous --num-envs 16   # HalfCheetah-v5 with 16 envs
 
 Each mode is a run of the script in a process of its own, one after another, never two at once. Two rates
 per run: over the whole run, and after the first update (which pays the compile time with --compile). The
@@ -71,7 +71,7 @@ def steady_rate(run_dir: str) -> Optional[float]:
 
 
 def run(bench: Bench, flags: list[str]) -> dict:
-    folder = tempfile.mkdtemp()
+    folder = tempfile.mkdtemp()  # a new folder for each mode: the script refuses a run folder that exists
     cmd = python(os.path.join(ROOT, SCRIPTS[bench.algo] + ".py"), "--total-timesteps", bench.total_timesteps,
                  "--run-name", "mode", "--no-progress", "--checkpoint-minutes", 0,
                  *(["--num-envs", bench.num_envs] if bench.num_envs else []), *flags)
