@@ -5,9 +5,8 @@
     python ppo_atari.py --eval-checkpoint runs/<run>/agent.pt --eval-episodes 10
     python ppo_atari.py --help                      # every option
 
-Part A, from the top, is PPO: the options (Args), the environments, the network (Agent), GAE
-(compute_gae), the loss (ppo_loss) and the training loop (train). Part B, below the banner, runs the
-experiment: option checks, torchrun, resume, logs, progress, checkpoints, signals, evaluation, main().
+Part A, from the top, is PPO: the options (Args), the environments, the network (Agent), GAE (compute_gae), the
+loss (ppo_loss) and the training loop (train). Part B, below its banner, runs the experiment around it.
 Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (arXiv:1707.06347); the implementation
 details follow Huang et al. 2022, "The 37 Implementation Details of PPO" (ICLR blog track), including
 its nine for Atari: no-op reset, frame skip with max-pooling, end-of-life as end of the episode for
@@ -139,13 +138,11 @@ class Args:
 
     # --- sizes derived from the options above, in one place ---
     @property
-    def world_size(self) -> int:
-        # Processes training together: torchrun sets WORLD_SIZE; a plain run is 1.
+    def world_size(self) -> int:  # processes training together: torchrun sets WORLD_SIZE; a plain run is 1
         return int(os.environ.get("WORLD_SIZE", "1"))
 
     @property
-    def batch_size(self) -> int:
-        # Per process; a data-parallel update learns from world_size times as many transitions.
+    def batch_size(self) -> int:  # per process; under torchrun an update learns from world_size times as many
         return self.num_envs * self.num_steps
 
     @property
@@ -158,12 +155,10 @@ class Args:
 
 
 FAMILY = "atari"  # the env family of this script's saved agents: another script refuses them
-OPTION_RULES = {"sticky_actions": (lambda v: 0 <= v < 1, "in [0, 1) (0.25 is ALE v5's default)")}  # beside Part B's RULES
+OPTION_RULES = {"sticky_actions": (lambda v: 0 <= v < 1, "in [0, 1) (0.25 is ALE v5's default)")}  # and RULES
 
 
-# ----------------------------------------------------------------------------------------------------
-# Environments
-# ----------------------------------------------------------------------------------------------------
+# --- Environments -------------------------------------------------------------------------------------------
 def make_env(env_id: str, idx: int, video_dir: Optional[str] = None,
              sticky_actions: Optional[float] = None) -> Callable[[], gym.Env]:
     """The recipe for env number idx of a vector env, with the Atari preprocessing.
@@ -210,9 +205,7 @@ def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym
     return gym.wrappers.vector.TransformReward(envs, np.sign)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Network
-# ----------------------------------------------------------------------------------------------------
+# --- Network ------------------------------------------------------------------------------------------------
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
     # Orthogonal init, gain sqrt(2) for hidden layers (implementation detail 2).
     nn.init.orthogonal_(layer.weight, std)
@@ -285,22 +278,15 @@ class Agent(nn.Module):
         return action, logp, entropy, value
 
 
-# ----------------------------------------------------------------------------------------------------
-# Generalized Advantage Estimation
-# ----------------------------------------------------------------------------------------------------
+# --- Generalized Advantage Estimation -----------------------------------------------------------------------
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, terminations: torch.Tensor, dones: torch.Tensor,
                 gamma: float, gae_lambda: float) -> torch.Tensor:
-    """GAE (Schulman et al. 2016, arXiv:1506.02438) over a rollout of T steps of N envs.
+    """GAE (Schulman et al. 2016, arXiv:1506.02438) over a rollout of T steps of N envs. rewards, terminations, dones:
+    (T, N), the outcome of step t's action as 0/1 floats (dones: terminated or truncated); values: (T + 1, N), V of
+    every observation including the one after the last step; where an episode ends at t, obs_{t+1} is its final one.
 
-    rewards, terminations, dones: (T, N), the outcome of the action taken at step t; dones is
-        terminated OR truncated, both as 0/1 floats.
-    values: (T + 1, N), V(obs_t) for every observation of the rollout including the one after the last
-        step. When an episode ends at step t, obs_{t+1} is its true final observation.
-
-    Truncation is not termination: a time-limit cut bootstraps from V(final observation), and only a
-    real terminal state is worth 0. Either way the advantage recursion stops at the episode's end.
-    The result carries no gradient: advantages are targets, not functions of the critic's parameters.
-    """
+    Truncation is not termination: a time-limit cut bootstraps from V(final observation), and only a real terminal
+    state is worth 0. Either way the recursion stops at the episode's end. The result is a target: no gradient."""
     with torch.no_grad():
         deltas = rewards + gamma * values[1:] * (1.0 - terminations) - values[:-1]
         discounts = gamma * gae_lambda * (1.0 - dones)
@@ -311,9 +297,14 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, terminations: torch
     return torch.stack(advantages[::-1])
 
 
-# ----------------------------------------------------------------------------------------------------
-# PPO loss
-# ----------------------------------------------------------------------------------------------------
+# --- PPO loss -----------------------------------------------------------------------------------------------
+def mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of x, under torchrun of every rank's x together (count, sum, sum of squares summed over ranks)."""
+    n, total, squares = all_sum(torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double())
+    mean = total / n
+    return mean, ((squares - n * mean**2) / (n - 1)).clamp_min(0).sqrt()
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """Zero mean and unit std over the minibatch (detail 7); under torchrun over every rank's part of it together."""
     mean, std = mean_std(x)  # in float64
@@ -352,9 +343,7 @@ def ppo_loss(newlogp: torch.Tensor, oldlogp: torch.Tensor, advantages: torch.Ten
     return loss, stats
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------
+# --- Training -----------------------------------------------------------------------------------------------
 def policy_shift(logratio: torch.Tensor, clip_coef: float) -> dict[str, torch.Tensor]:
     """How far the new policy moved from the one that collected the batch, from log(pi_new / pi_old).
 
@@ -492,9 +481,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         return run.result(agent)
 
 
-# ----------------------------------------------------------------------------------------------------
-# make_env's wrapper: FIRE at the start of a game and after a lost life
-# ----------------------------------------------------------------------------------------------------
+# --- make_env's wrapper: FIRE at the start of a game and after a lost life ----------------------------------
 class FireOnReset(gym.Wrapper):
     """Press FIRE when a game (or a new life) waits for it, as Breakout does (detail 4 for Atari).
 
@@ -526,9 +513,7 @@ class FireOnReset(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
-# ----------------------------------------------------------------------------------------------------
-# What Part B needs of this script's envs: checks, checkpoints, the statistics saved with the agent
-# ----------------------------------------------------------------------------------------------------
+# --- What Part B needs of this script's envs: checks, checkpoints, the statistics saved with the agent ------
 def check_env(env_id: str) -> None:
     """Refuse, in one line, an id that is not an Atari game, and name the scripts that train it."""
     env = gym.make(env_id)
@@ -569,11 +554,10 @@ def load_env_stats(envs: gym.vector.VectorEnv, stats: dict) -> None:
 # ====================================================================================================
 # Part B: running the experiment
 #
-# Everything below runs the experiment around train() and changes no number PPO computes: option checks, torchrun,
-# resume, the run folder, logs, progress, health warnings, checkpoints, signals, crashes, evaluation of a saved agent
-# and main(). It is the same text in all three scripts (a test keeps it so); what differs by env family comes from
-# Part A: FAMILY, OPTION_RULES, check_env, make_envs, env_state, restore_env_state, env_stats, load_env_stats,
-# OBS_DTYPE and the Agent.
+# Everything below runs the experiment around train() and changes no number PPO computes: checks, torchrun, resume,
+# logs, progress, health warnings, checkpoints, signals, crashes, evaluation of a saved agent, main(). It is the same
+# text in all three scripts (a test keeps it so): what differs by env family comes from Part A's FAMILY, OPTION_RULES,
+# check_env, make_envs, env_state, restore_env_state, env_stats, load_env_stats, OBS_DTYPE and Agent.
 # ====================================================================================================
 SCRIPT = os.path.basename(__file__)  # messages and resume commands name this file, so a copy names itself
 
@@ -583,7 +567,7 @@ class UsageError(Exception):
 
 
 class RunError(Exception):
-    """A fault that stops a run (a NaN loss, an env at fault, a full disk): one line on stderr, exit status 1."""
+    """A fault that stops a run (a NaN loss, an env at fault, a full disk): one line, exit status 1."""
 
 
 def first_line(e: BaseException) -> str:
@@ -646,14 +630,13 @@ def load_checkpoint(args: Args) -> dict:
     """The checkpoint to resume from, once it is known to continue this run as an uninterrupted one would."""
     ckpt, path = load_file(args.resume, "--resume"), args.resume
     if "optimizer" not in ckpt:
-        raise UsageError(f"--resume {path} is a saved agent, not a checkpoint; resume from runs/<run_name>/checkpoint.pt")
+        raise UsageError(f"--resume {path} is a saved agent, not a checkpoint (runs/<run_name>/checkpoint.pt)")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"--resume {path} was written by another version of {ckpt.get('script')}; finish it with that")
     for name, value in asdict(args).items():
         if name not in FREE_ON_RESUME and ckpt["args"].get(name) != value:
             raise UsageError(f"--resume {path} was trained with {flag(name)} {ckpt['args'].get(name)}, not {value}; a "
-                             "resumed run continues as it started (only --total-timesteps and options that watch the "
-                             "run may change): drop the option")
+                             "resumed run goes on as it started (only the budget and what watches it may change)")
     if len(ckpt["ranks"]) != args.world_size:
         raise UsageError(f"--resume {path} was written by {len(ckpt['ranks'])} process(es), not {args.world_size}; "
                          "resume it with as many (torchrun --nproc-per-node, or python for 1)")
@@ -689,13 +672,6 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x)
     return x
-
-
-def mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of x, under torchrun of every rank's x together (count, sum, sum of squares summed over ranks)."""
-    n, total, squares = all_sum(torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double())
-    mean = total / n
-    return mean, ((squares - n * mean**2) / (n - 1)).clamp_min(0).sqrt()
 
 
 def average_gradients(params: list[torch.Tensor]) -> None:
@@ -755,10 +731,9 @@ class EnvCheck(gym.Wrapper):
         return env_state(self.env)
 
 
-def envs_state(envs: gym.vector.VectorEnv, with_envs: bool = True) -> bytes:
-    """The vector env as bytes for a checkpoint: its wrappers (with their statistics) and its envs, each by Part A's
-    env_state. Without with_envs, or where an env holds what cannot be pickled (an open file, a socket), the envs
-    are left out, and a resumed run starts new episodes under the saved wrappers."""
+def rank_state(envs: gym.vector.VectorEnv, with_envs: bool = True) -> bytes:
+    """A rank's random streams and vector env, pickled: its wrappers (with their statistics) and its envs, each by
+    env_state; without with_envs, or where an env cannot be pickled (an open file), new episodes on resume."""
     bottom, inner = envs.unwrapped, envs
     while isinstance(inner, gym.vector.VectorWrapper) and inner.env is not bottom:
         inner = inner.env
@@ -767,40 +742,45 @@ def envs_state(envs: gym.vector.VectorEnv, with_envs: bool = True) -> bytes:
         saved = cloudpickle.dumps(list(bottom.call("checkpoint_state")) if own else bottom) if with_envs else None
     except Exception:
         saved = None
-    if inner is bottom:
-        return cloudpickle.dumps({"wrappers": None, "envs": saved})
-    inner.env = None  # the wrappers are pickled without the envs under them
+    rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
+           torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None)
+    wrapped = inner is not bottom
+    if wrapped:
+        inner.env = None  # the wrappers are pickled without the envs under them
     try:
-        return cloudpickle.dumps({"wrappers": envs, "envs": saved})
+        return cloudpickle.dumps({"wrappers": envs if wrapped else None, "envs": saved, "rng": rng})
     finally:
-        inner.env = bottom
+        if wrapped:
+            inner.env = bottom
 
 
-def restore_envs(envs: gym.vector.VectorEnv, saved: bytes, pending: np.ndarray,
-                 async_envs: bool) -> tuple[gym.vector.VectorEnv, bool]:
-    """The envs to go on with (envs: new ones), and whether they are the saved ones; pending: the envs whose episode
-    ended on the checkpoint's last step, which the next step only resets."""
+def restore_rank(envs: gym.vector.VectorEnv, saved: bytes, pending: np.ndarray, async_envs: bool):
+    """The random streams as they were, and the envs to go on with (envs: new ones) and whether they are the saved
+    ones; pending: the envs whose episode ended on the checkpoint's last step, which the next step only resets."""
     state = pickle.loads(saved)  # the checkpoint's pickled code runs here, on resume, after every check of the file
+    torch.set_rng_state(state["rng"][0])
+    np.random.set_state(state["rng"][1])
+    random.setstate(state["rng"][2])
+    if state["rng"][3] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"][3])  # the sampling noise and shuffles on the GPU
     bottom = envs.unwrapped
     if state["envs"] is not None:
         envs.close()
         bottom = pickle.loads(state["envs"])
         if isinstance(bottom, list):
             bottom = vector_env([functools.partial(restore_env_state, s) for s in bottom], async_envs, pending)
-    if state["wrappers"] is None:
-        return bottom, state["envs"] is not None
     inner = state["wrappers"]
-    while inner.env is not None:
+    while inner is not None and inner.env is not None:
         inner = inner.env
-    inner.env = bottom
-    return state["wrappers"], state["envs"] is not None
+    if inner is not None:
+        inner.env = bottom
+    return state["wrappers"] or bottom, state["envs"] is not None
 
 
 # --- files: written whole or not at all, read without running code ------------------------------------------
 def write_file(path: str, data: bytes | dict) -> None:
     """Write through a temporary file of this process, then rename: a crash or a full disk never leaves a half-written
-    file in place of the last good one. A dict is written with torch.save (in memory first, where torch's own file
-    writer would turn a full disk into an obscure error)."""
+    file in place of the last good one. A dict goes through torch.save, in memory (its file writer hides the cause)."""
     if isinstance(data, dict):
         buffer = io.BytesIO()
         torch.save(data, buffer)
@@ -845,6 +825,13 @@ def load_file(path: str, what: str, keep: bool = False) -> dict:
     return data
 
 
+def load_weights(module: nn.Module, state: dict, what: str) -> None:
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UsageError(f"{what} does not fit this network ({first_line(e)})") from None
+
+
 def saved_args(data: dict) -> Args:
     """The options a saved agent or checkpoint was trained with (options it does not know keep their defaults)."""
     return Args(**{k: v for k, v in data["args"].items() if k in Args.__dataclass_fields__})
@@ -877,15 +864,15 @@ class Run:
         torch.backends.cudnn.deterministic = args.torch_deterministic
         if args.torch_threads:
             torch.set_num_threads(args.torch_threads)
-        self.episodes = {"returns": [], "lengths": [], "steps": [], "times": []}
+        self.episodes, self.scalars, self.update_times, self.recent_ev, self.warned = [], [], [], [], set()
         self.global_step, self.first_iteration, self.iteration, self.elapsed_before, self.next_line = 0, 1, 0, 0.0, 0
         self.envs = self.writer = self.wandb = self.signal = self.checkpoint_path = None
-        self.handlers, self.scalars, self.update_times, self.recent_ev, self.warned = {}, [], [], [], set()
+        self.handlers: dict = {}
         self.interrupted = self.updating = self.closing = self.drawn = False
 
     def run_name(self) -> str:
         """Make runs/<run_name>, this run's alone (a default name ends in a random suffix), or find the resumed run's
-        own; a file must be writable there before anything trains."""
+        own; it must be writable before anything trains."""
         args, name = self.args, self.args.run_name
         if name is not None and (os.path.basename(name) != name or name in ("", ".", "..")):
             raise UsageError(f"--run-name {name!r} is not a plain folder name; a run's files go to runs/<run_name>")
@@ -900,7 +887,7 @@ class Run:
         try:
             if self.main:
                 os.makedirs(folder, exist_ok=bool(args.resume))
-                write_file(os.path.join(folder, ".writable"), b"")
+                write_file(os.path.join(folder, ".writable"), b"")  # it must take a file before anything trains
                 os.remove(os.path.join(folder, ".writable"))
         except FileExistsError:
             raise UsageError(f"{folder} holds another run; choose another --run-name, or continue that run with "
@@ -916,32 +903,21 @@ class Run:
               obs: torch.Tensor, valid: np.ndarray, *carried: torch.Tensor) -> gym.vector.VectorEnv:
         """Resume from the checkpoint, or reset the envs; returns the envs. The last row of obs, valid and each carried
         buffer is what one rollout hands to the next (and checkpoints save): the first rollout starts there."""
-        args, ckpt = self.args, self.resumed
-        if envs.metadata.get("autoreset_mode") != gym.vector.AutoresetMode.NEXT_STEP:
-            # An env reset in the step that ends its episode returns the next episode's first observation: the final
-            # one, which truncation bootstraps from, would be lost.
+        args, ckpt, restored = self.args, self.resumed, False
+        if envs.metadata.get("autoreset_mode") != gym.vector.AutoresetMode.NEXT_STEP:  # else the final obs is lost
             raise UsageError(f"the vector env resets its envs in mode {envs.metadata.get('autoreset_mode')}; the loop "
-                             "handles only gymnasium's default, AutoresetMode.NEXT_STEP (build it without autoreset_mode)")
+                             "handles only gymnasium's default, AutoresetMode.NEXT_STEP (build it without it)")
         for p in agent.parameters() if self.world_size > 1 else []:
             dist.broadcast(p.data, src=0)  # every rank starts from rank 0's initialization
-        restored = False
         if ckpt is not None:
-            try:
-                agent.load_state_dict(ckpt["model"])
-                optimizer.load_state_dict(ckpt["optimizer"])
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise UsageError(f"--resume {args.resume} does not fit this network ({first_line(e)})") from None
-            mine, rng = ckpt["ranks"][self.rank], ckpt["ranks"][self.rank]["rng"]
+            load_weights(agent, ckpt["model"], f"--resume {args.resume}")
+            load_weights(optimizer, ckpt["optimizer"], f"--resume {args.resume}")
+            mine = ckpt["ranks"][self.rank]
             for buffer, row in zip((obs, valid, *carried), mine["carried"]):
                 buffer[-1] = row.numpy() if isinstance(buffer, np.ndarray) else row
-            envs, restored = restore_envs(envs, mine["envs"], ~valid[-1], args.async_envs)
-            torch.set_rng_state(rng["torch"])
-            np.random.set_state((*rng["numpy"][:1], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
-            random.setstate(rng["python"])
-            if self.device.type == "cuda" and rng["cuda"] is not None:
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            envs, restored = restore_rank(envs, mine["state"], ~valid[-1], args.async_envs)
             self.global_step, self.first_iteration = ckpt["global_step"], ckpt["iteration"] + 1
-            self.episodes, self.elapsed_before = ckpt["episodes"], ckpt["elapsed"]
+            self.episodes, self.elapsed_before = [tuple(e) for e in ckpt["episodes"]], ckpt["elapsed"]
         if not restored:  # new episodes; where a checkpoint could not hold its envs, seeded apart from the first start
             # No two envs of the job share a seed: rank r's env i is seeded like env r * num_envs + i of one big run.
             obs[-1] = torch.as_tensor(envs.reset(seed=args.seed + self.rank * args.num_envs + self.global_step)[0])
@@ -966,8 +942,7 @@ class Run:
         if threading.current_thread() is threading.main_thread():
             self.handlers = {signum: signal.signal(signum, self.on_signal) for signum in SIGNAL_NAMES}
         self.start_time = self.last_checkpoint = time.time()
-        self.start_step = self.done_step = self.global_step
-        self.episodes_sent = len(self.episodes["returns"])
+        self.start_step, self.done_step, self.episodes_sent = self.global_step, self.global_step, len(self.episodes)
         return envs
 
     def on_signal(self, signum, frame) -> None:
@@ -1007,14 +982,12 @@ class Run:
                 return
 
     def record(self, info: dict) -> None:
-        """Count one step of the vector env, and keep the episodes that ended in it."""
+        """Count one step of the vector env, and keep the episodes that ended in it: (step, time, return, length)."""
         self.global_step += self.args.num_envs * self.world_size
         if "_episode" in info:
-            ended, now = info["_episode"], self.elapsed()
-            for key, values in (("returns", info["episode"]["r"][ended].tolist()), ("times", [now] * int(ended.sum())),
-                                ("lengths", info["episode"]["l"][ended].tolist()),
-                                ("steps", [self.global_step] * int(ended.sum()))):
-                self.episodes[key].extend(values)
+            ended, now = info["_episode"], round(self.elapsed(), 3)
+            self.episodes += [(self.global_step, now, r, n) for r, n in zip(info["episode"]["r"][ended].tolist(),
+                                                                           info["episode"]["l"][ended].tolist())]
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.start_time
@@ -1027,29 +1000,27 @@ class Run:
         torch.maximum(self.optimizer.found_inf, bad.float(), out=self.optimizer.found_inf)
 
     def log_update(self, diagnostics: dict[str, torch.Tensor], explained_var: torch.Tensor, epochs: int) -> None:
-        """Log an update's diagnostics (averaged over the ranks; one copy to the host), warn once of each health signal
-        gone bad, show progress. TensorBoard gets the scalars in bursts of 50 updates: one at a time, its writer thread
-        competes for the interpreter lock (a fast run was 30% slower)."""
+        """Log an update's diagnostics (averaged over the ranks; one copy to the host), watch PPO's health, show
+        progress. TensorBoard gets them in bursts of 50 updates: one at a time, its thread slowed a fast run by 30%."""
         if self.world_size > 1:  # rank 0 logs the episodes of every rank
             everyone = [None] * self.world_size if self.main else None
-            dist.gather_object({k: v[self.episodes_sent:] for k, v in self.episodes.items()}, everyone, dst=0)
-            for k, v in ((k, v) for other in (everyone[1:] if self.main else []) for k, v in other.items()):
-                self.episodes[k].extend(v)
-            self.episodes_sent = len(self.episodes["returns"])
+            dist.gather_object(self.episodes[self.episodes_sent:], everyone, dst=0)
+            self.episodes += [e for other in (everyone[1:] if self.main else []) for e in other]
+            self.episodes_sent = len(self.episodes)
         values = torch.cat([all_sum(torch.stack(list(diagnostics.values()))) / self.world_size, explained_var,
                             self.optimizer.found_inf.view(1)]).tolist()
         if values[-1]:
             raise RunError(f"the loss became nan or infinite in update {self.iteration} (step {self.global_step}); its "
                            "optimizer step and the update's later ones were skipped and training stopped. Lower "
-                           f"--learning-rate or --max-grad-norm; the last checkpoint, if any, is kept in {self.run_dir}")
-        step, n, ret = self.global_step, len(diagnostics), np.mean(self.episodes["returns"][-20:] or math.nan)
-        sps, total = (step - self.start_step) / (time.time() - self.start_time), self.args.total_timesteps
+                           f"--learning-rate or --max-grad-norm; the last checkpoint, if any, stays in {self.run_dir}")
+        step, n, recent = self.global_step, len(diagnostics), self.episodes[-20:]
+        sps, total, ret = (step - self.start_step) / (time.time() - self.start_time), self.args.total_timesteps, np.nan
         metrics = {**{f"losses/{k}": v for k, v in zip(diagnostics, values)}, "losses/explained_variance": values[n],
                    "losses/epochs": epochs, "charts/learning_rate": self.optimizer.param_groups[0]["lr"],
                    "charts/SPS": sps}
-        if self.episodes["returns"]:
-            metrics.update({"charts/episodic_return": ret,
-                            "charts/episodic_length": np.mean(self.episodes["lengths"][-20:])})
+        if recent:
+            ret = metrics["charts/episodic_return"] = float(np.mean([e[2] for e in recent]))
+            metrics["charts/episodic_length"] = float(np.mean([e[3] for e in recent]))
         if not self.main:
             return
         self.scalars.extend((k, v, step) for k, v in metrics.items())
@@ -1068,13 +1039,14 @@ class Run:
         # Explained variance is noisy from one batch to the next, and says little while returns barely vary.
         self.recent_ev = (self.recent_ev + [metrics["losses/explained_variance"] if returns_vary else math.nan])[-20:]
         ev = float(np.nanmean(self.recent_ev)) if np.isfinite(self.recent_ev).sum() >= 10 else 0.0
-        kl, ess, late = metrics["losses/approx_kl"], metrics["losses/ess"], self.iteration > self.args.num_iterations // 2
+        kl, ess = metrics["losses/approx_kl"], metrics["losses/ess"]
+        late = self.iteration > self.args.num_iterations // 2
         kl_limit = 2 * self.args.target_kl if self.args.target_kl is not None else 0.05  # far above target (~0.01)
         for kind, bad, message in [
                 ("kl", kl > kl_limit, f"approx KL {kl:.3f} > {kl_limit:.3f}: the policy moves far per update; lower "
                  "--learning-rate or --update-epochs, or set --target-kl"),
-                ("ev", late and ev < 0, f"explained variance averaged {ev:.2f} < 0 over the last 20 updates: the critic "
-                 "predicts returns worse than their mean, so advantages are mostly noise"),
+                ("ev", late and ev < 0, f"explained variance averaged {ev:.2f} < 0 over the last 20 updates: the "
+                 "critic predicts returns worse than their mean, so advantages are mostly noise"),
                 ("ess", ess < 0.5, f"effective sample size fell to {ess:.2f} of the batch: a few samples dominate the "
                  "gradient; lower --learning-rate or --clip-coef")]:
             if bad and kind not in self.warned:
@@ -1096,30 +1068,23 @@ class Run:
             raise RunError(f"cannot write the TensorBoard log in {self.run_dir} ({e.strerror})") from None
 
     def checkpoint(self, after_crash: bool = False) -> None:
-        """Write runs/<run>/checkpoint.pt: all a resumed run needs to go on as an uninterrupted one would. It holds only
-        tensors, numbers, strings and bytes (the envs, pickled), so reading it runs no code. After a crash it holds the
-        last completed update without its envs: a resumed run starts new episodes."""
+        """Write runs/<run>/checkpoint.pt, all a resumed run needs to go on as an uninterrupted one would, as tensors,
+        numbers and bytes (the envs, pickled). After a crash: the last completed update, without envs (new episodes)."""
         iteration, step = (self.iteration - 1, self.done_step) if after_crash else (self.iteration, self.global_step)
-        numpy_rng = np.random.get_state()
-        rank_state = {"envs": envs_state(self.envs, with_envs=not after_crash),
-                      "carried": [torch.as_tensor(b[-1]).cpu().clone() for b in self.buffers],
-                      "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                              "numpy": (*numpy_rng[:1], torch.from_numpy(numpy_rng[1].astype(np.int64)), *numpy_rng[2:]),
-                              "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}}
-        ranks = [rank_state]
+        ranks = [{"state": rank_state(self.envs, not after_crash), "carried": [torch.as_tensor(b[-1]).cpu().clone()
+                                                                               for b in self.buffers]}]
         if self.world_size > 1:  # parameters and Adam are the same on every rank; envs and random streams are not
-            ranks = [None] * self.world_size if self.main else None
-            dist.gather_object(rank_state, ranks, dst=0)
+            ranks, mine = ([None] * self.world_size if self.main else None), ranks[0]
+            dist.gather_object(mine, ranks, dst=0)
         self.last_checkpoint = time.time()
         if self.main:
             self.flush()  # every scalar up to this update is on disk, so a crash now loses none of them
-            kept = sum(s <= step for s in self.episodes["steps"])
             self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
             write_file(self.checkpoint_path, {
                 "family": FAMILY, "script": SCRIPT, "format": CHECKPOINT_FORMAT, "args": asdict(self.args),
                 "iteration": iteration, "global_step": step, "model": self.agent.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "env_stats": env_stats(self.envs), "ranks": ranks,
-                "episodes": {k: v[:kept] for k, v in self.episodes.items()}, "elapsed": self.elapsed(),
+                "episodes": [e for e in self.episodes if e[0] <= step], "elapsed": self.elapsed(),
                 "wandb_id": self.wandb.id if self.wandb else None})
 
     def result(self, agent: nn.Module) -> dict:
@@ -1129,14 +1094,16 @@ class Run:
             # The env statistics belong to the model: without them the policy would see other inputs.
             write_file(os.path.join(self.run_dir, "agent.pt"), {"family": FAMILY, "script": SCRIPT, "args": asdict(
                 self.args), "model": agent.state_dict(), "env_stats": env_stats(self.envs)})
-        return {"agent": agent, "run_dir": self.run_dir, "episodes": self.episodes, "global_step": self.global_step,
+        episodes = {key: [e[i] for e in self.episodes] for i, key in enumerate(("steps", "times", "returns",
+                                                                                 "lengths"))}
+        return {"agent": agent, "run_dir": self.run_dir, "episodes": episodes, "global_step": self.global_step,
                 "interrupted": self.interrupted, "signal": self.signal, "env_stats": env_stats(self.envs)}
 
     def __exit__(self, kind, error, trace) -> None:
         self.closing = True
-        unexpected = isinstance(error, Exception) and not isinstance(error, (UsageError, RunError))
         memory = isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
-        if unexpected and not memory:
+        unexpected = isinstance(error, Exception) and not isinstance(error, (UsageError, RunError)) and not memory
+        if unexpected:
             traceback.print_exception(kind, error, trace)
         try:
             if self.main and self.writer is not None:
@@ -1159,17 +1126,15 @@ class Run:
                 raise
             print(f"error: {e}", file=sys.stderr)
         finally:
-            try:
-                if self.envs is not None:
-                    self.envs.close()
-            finally:
-                if self.world_size > 1:
-                    if error is None:
-                        dist.barrier()  # no rank tears down the process group while another still uses it
-                    dist.destroy_process_group()
-                for signum, handler in self.handlers.items():
-                    signal.signal(signum, handler)
-        if unexpected:
+            with contextlib.suppress(Exception):  # an env's process that died with the run: nothing left to close
+                self.envs.close()
+            if self.world_size > 1:
+                if error is None:
+                    dist.barrier()  # no rank tears down the process group while another still uses it
+                dist.destroy_process_group()
+            for signum, handler in self.handlers.items():
+                signal.signal(signum, handler)
+        if memory or unexpected:
             raise RunError(f"out of memory ({first_line(error)}); lower --num-envs or --num-steps, or raise "
                            "--num-minibatches" if memory else f"training stopped by {first_line(error)} (traceback "
                            "above)") from None
@@ -1177,23 +1142,23 @@ class Run:
     def finish(self, error: Optional[BaseException]) -> str:
         """Every finished episode to episodes.csv and the run's totals to summary.json (plain files for a spreadsheet
         or the benchmark); returns the run's closing line."""
-        args, episodes, elapsed, step = self.args, self.episodes, self.elapsed(), self.global_step
-        rows = zip(episodes["steps"], (round(t, 3) for t in episodes["times"]), episodes["returns"], episodes["lengths"])
-        write_file(os.path.join(self.run_dir, "episodes.csv"), "".join(
-            f"{s},{t},{r},{n}\n" for s, t, r, n in [("global_step", "time_s", "return", "length"), *rows]).encode())
+        args, elapsed, step, returns = self.args, self.elapsed(), self.global_step, [e[2] for e in self.episodes]
+        rows = "".join(f"{s},{t},{r},{n}\n" for s, t, r, n in [("global_step", "time_s", "return", "length"),
+                                                               *self.episodes])
+        write_file(os.path.join(self.run_dir, "episodes.csv"), rows.encode())
         finished = error is None and not self.interrupted and step >= args.num_iterations * args.batch_size * \
             args.world_size
-        final = float(np.mean(episodes["returns"][-100:])) if episodes["returns"] else None
-        summary = {"script": SCRIPT, "env_id": args.env_id, "seed": args.seed, "global_step": step,
-                   "total_timesteps": args.total_timesteps, "finished": finished, "time_s": round(elapsed, 3),
-                   "sps": round(step / max(elapsed, 1e-9), 1), "episodes": len(episodes["returns"]), "final_return": final}
-        write_file(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=1).encode())
+        final, sps = float(np.mean(returns[-100:])) if returns else None, round(step / max(elapsed, 1e-9), 1)
+        write_file(os.path.join(self.run_dir, "summary.json"), json.dumps(
+            {"script": SCRIPT, "env_id": args.env_id, "seed": args.seed, "global_step": step, "total_timesteps":
+             args.total_timesteps, "finished": finished, "time_s": round(elapsed, 3), "sps": sps,
+             "episodes": len(returns), "final_return": final}, indent=1).encode())
         head = "finished" if finished else "stopped by an error" if isinstance(error, Exception) else \
             f"stopped by {SIGNAL_NAMES.get(self.signal, 'a signal')}" if self.signal else "stopped"
         ended = "no episode finished" if final is None else \
-            f"final return {final:.2f} (mean of the last {min(100, len(episodes['returns']))} episodes)"
-        line = (f"{head}: {step:,} of {args.total_timesteps:,} steps in {elapsed:.0f} s ({summary['sps']:,.0f} "
-                f"steps/s), {ended}; files in {self.run_dir} (tensorboard --logdir runs)")
+            f"final return {final:.2f} (mean of the last {min(100, len(returns))} episodes)"
+        line = (f"{head}: {step:,} of {args.total_timesteps:,} steps in {elapsed:.0f} s ({sps:,.0f} steps/s), {ended}; "
+                f"files in {self.run_dir} (tensorboard --logdir runs)")
         if self.checkpoint_path and not finished:
             command = f"python {SCRIPT}" if self.world_size == 1 else "the same torchrun command with"
             line += f"\ncheckpoint written; continue with: {command} --resume {self.checkpoint_path}"
@@ -1206,19 +1171,15 @@ EVAL_SEED_OFFSET = 1_000_000_000  # evaluation episodes are seeded apart from ev
 
 def evaluate(path: str, episodes: int, seed: Optional[int] = None, deterministic: bool = False,
              video_dir: Optional[str] = None) -> tuple[np.ndarray, int]:
-    """Play `episodes` episodes with a saved agent (or a checkpoint), running no code stored in the file; returns their
-    undiscounted returns and the env seed (default: EVAL_SEED_OFFSET + the training seed, so no training episode is
-    replayed). deterministic: the most likely action instead of a sample of the policy."""
+    """Play `episodes` episodes with a saved agent or checkpoint (none of its code runs): their returns and the env
+    seed, EVAL_SEED_OFFSET + the training seed by default. deterministic: the most likely action, not a sample."""
     data = load_file(path, "--eval-checkpoint")
     args = dataclasses.replace(saved_args(data), async_envs=False)  # one env: no process of its own
     check_args(args)  # the env's module imports, or one line says why not
     envs = make_envs(args, 1, video_dir)
     load_env_stats(envs, data.get("env_stats", {}))
     agent = Agent(envs)
-    try:
-        agent.load_state_dict(data["model"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise UsageError(f"--eval-checkpoint {path} does not fit this network ({first_line(e)})") from None
+    load_weights(agent, data["model"], f"--eval-checkpoint {path}")
     seed = EVAL_SEED_OFFSET + args.seed if seed is None else seed
     torch.manual_seed(seed)
     returns, (next_obs, _) = [], envs.reset(seed=seed)
@@ -1265,9 +1226,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def exit_with(code: int) -> None:
-    """End the process with this status; from here on a signal changes nothing (the run is over). A torchrun rank skips
-    the interpreter's teardown, where Gloo's threads sometimes abort a rank after every file is written ("terminate
-    called without an active exception"; one two-rank run in sixty), failing the whole job."""
+    """End the process with this status; a signal from here on changes nothing. A torchrun rank skips the teardown,
+    where Gloo's threads aborted one two-rank run in sixty after every file was written, failing the whole job."""
     for signum in SIGNAL_NAMES:
         signal.signal(signum, signal.SIG_IGN)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -96,7 +96,7 @@ BREAKS = {
     "health warnings": {"edits": [('("ess", ess < 0.5,', '("ess", ess < 0.05,')]},
     "a NaN loss stops the run": {"edits": [
         ("run.check_finite(loss, grad_norm)  # a NaN or infinite loss stops the run before its step", "pass")]},
-    "exact resume": {"edits": [('torch.set_rng_state(rng["torch"])', "pass")]},
+    "exact resume": {"edits": [('torch.set_rng_state(state["rng"][0])', "pass")]},
     "data-parallel training with torchrun": {"edits": [
         ("n, total, squares = all_sum(torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double())",
          "n, total, squares = torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double()")]},

@@ -271,7 +271,7 @@ def test_a_crash_in_the_env_keeps_the_last_completed_update(name, capsys, monkey
     assert lines[-2] == f"checkpoint written; continue with: python {ppo.__name__}.py --resume runs/crash/checkpoint.pt"
     assert lines[-1] == "error: training stopped by RuntimeError: the env's own bug (traceback above)"
     ckpt = load("runs/crash/checkpoint.pt")
-    assert (ckpt["iteration"], ckpt["global_step"]) == (2, 256) and all(s <= 256 for s in ckpt["episodes"]["steps"])
+    assert (ckpt["iteration"], ckpt["global_step"]) == (2, 256) and all(e[0] <= 256 for e in ckpt["episodes"])
     monkeypatch.setattr(FaultyEnv, "after", 10**9, raising=False)  # the env, mended
     assert ppo.main(["--resume", "runs/crash/checkpoint.pt", "--no-progress"]) == 0
     assert json.load(open("runs/crash/summary.json"))["global_step"] == 1280
