@@ -134,6 +134,10 @@ class Args:
     """clip the global gradient norm to this"""
     target_kl: Optional[float] = None
     """stop the update epochs early when the mean approx KL of an epoch exceeds this (default: off)"""
+    lstm: bool = False
+    """put an LSTM between the observations and the heads (a recurrent policy, for partially observed envs)"""
+    lstm_hidden_size: int = 128
+    """units of the LSTM (with --lstm)"""
     clip_obs: float = 10.0
     """normalized observations are clipped to [-clip_obs, clip_obs]"""
     clip_reward: float = 10.0
@@ -223,6 +227,33 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
     nn.init.constant_(layer.bias, bias_const)
     return layer
 
+# --- Recurrence (--lstm): the five LSTM details of Huang et al. 2022 ----------------------------------------
+def lstm_init(lstm: nn.LSTM) -> nn.LSTM:
+    # Orthogonal weights (gain 1) and zero biases (LSTM detail 1), as in the reference implementation.
+    for name, param in lstm.named_parameters():
+        nn.init.orthogonal_(param, 1.0) if name.startswith("weight") else nn.init.zeros_(param)
+    return lstm
+
+
+def recur(lstm: nn.LSTM, x: torch.Tensor, state: torch.Tensor, goes_on) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LSTM over one step x (B, features) or a sequence (L, B, features), from state (B, 2 * hidden): h and c side
+    by side, zero at every episode's start (LSTM detail 2). goes_on, (B,) or (L, B), is False where the observation is
+    its episode's last: the state after it restarts at zero (LSTM detail 3), so nothing seen crosses into the next
+    episode, while that last observation's own output (its value, which a time-limit cut bootstraps from) still sees
+    its whole episode. Returns the outputs, (B, hidden) or (L, B, hidden), and the state after the last step."""
+    steps = x if x.dim() == 3 else x.unsqueeze(0)
+    keep = torch.as_tensor(goes_on, device=x.device).to(x.dtype).view(len(steps), -1, 1)
+    h, c = (s.unsqueeze(0).contiguous() for s in state.chunk(2, -1))
+    # One call of the LSTM per stretch without an episode's end: its time loop runs in C++, not here.
+    ends = torch.nonzero(keep.amin((1, 2)) == 0).flatten().tolist() if len(steps) > 1 else []
+    outputs, start = [], 0
+    for end in [*(t + 1 for t in ends if t + 1 < len(steps)), len(steps)]:
+        out, (h, c) = lstm(steps[start:end], (h, c))
+        h, c, start = h * keep[end - 1], c * keep[end - 1], end
+        outputs.append(out)
+    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    return (out if x.dim() == 3 else out[0]), torch.cat([h[0], c[0]], -1)
+
 
 # The network reads observations as float32 vectors: so the rollout buffer and evaluation hold them.
 OBS_DTYPE = torch.float32
@@ -233,40 +264,56 @@ class Agent(nn.Module):
     learned vector that does not depend on the state (detail 2 for continuous control).
 
     What train() and evaluate() call, the same in all three scripts (keep it when you swap the network):
-        act(obs, deterministic=False) -> action     a sample of the policy, or its most likely action
-        get_value(obs) -> value                     the critic's V(obs)
-        get_action_and_value(obs, action=None) -> (action, log-prob, entropy, value)
+        act(obs, state, goes_on, deterministic=False) -> (action, state)   a sample of the policy, or its most
+                                                                            likely action
+        get_value(obs, state=None) -> value                                 the critic's V(obs)
+        get_action_and_value(obs, action=None, state=None, goes_on=None) -> (action, log-prob, entropy, value, state)
             under the current parameters, for the given actions (or for sampled ones when action is None)
+        state_size                                                          0, or 2 * the LSTM's units (--lstm)
     obs is a batch (B, *observation shape); the actions are (B, action dims), the rest (B,).
+    A recurrent agent (--lstm) carries a state (B, state_size), zero at an episode's start, from each step to the
+    next; goes_on (B,) is False where obs is its episode's last (see recur). It also takes whole sequences: obs
+    (L, B, ...), goes_on (L, B), the state before their first step; the outputs are then (L, B, ...). Without an
+    LSTM the state passes through untouched, and sequences are batches like any other.
     """
 
-    def __init__(self, envs: gym.vector.VectorEnv):
+    def __init__(self, envs: gym.vector.VectorEnv, lstm_size: int = 0):
         super().__init__()
         obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+        # --lstm: one LSTM reads the observations and both MLPs read its output (README: one memory to carry).
+        self.lstm, self.state_size = lstm_init(nn.LSTM(obs_dim, lstm_size)) if lstm_size else None, 2 * lstm_size
+        features = lstm_size or obs_dim
         self.critic = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+            layer_init(nn.Linear(features, 64)), nn.Tanh(),
             layer_init(nn.Linear(64, 64)), nn.Tanh(),
             layer_init(nn.Linear(64, 1), std=1.0),
         )
         # A 0.01 gain makes the first policy's means nearly 0, so early actions are set by the std.
         self.actor_mean = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+            layer_init(nn.Linear(features, 64)), nn.Tanh(),
             layer_init(nn.Linear(64, 64)), nn.Tanh(),
             layer_init(nn.Linear(64, act_dim), std=0.01),
         )
         self.actor_logstd = nn.Parameter(torch.zeros(1, act_dim))
 
-    def get_value(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.critic(obs).squeeze(-1)
+    def forward(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None, goes_on=True):
+        """What the heads read (the observation; with --lstm, the LSTM's output) and the next state."""
+        return (obs, state) if self.lstm is None else recur(self.lstm, obs, state, goes_on)
 
-    def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+    def get_value(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.critic(self(obs, state)[0]).squeeze(-1)
+
+    def act(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None, goes_on=True, deterministic: bool = False):
         """The rollout's only forward pass. Its log-probs and values are computed afterwards in one batched
         call (the parameters do not change during a rollout)."""
-        mean = self.actor_mean(obs)
-        return mean if deterministic else mean + self.actor_logstd.exp() * torch.randn_like(mean)
+        x, state = self(obs, state, goes_on)
+        mean = self.actor_mean(x)
+        return (mean if deterministic else mean + self.actor_logstd.exp() * torch.randn_like(mean)), state
 
-    def get_action_and_value(self, obs: torch.Tensor, action: Optional[torch.Tensor] = None):
-        mean = self.actor_mean(obs)
+    def get_action_and_value(self, obs: torch.Tensor, action: Optional[torch.Tensor] = None,
+                             state: Optional[torch.Tensor] = None, goes_on=True):
+        x, state = self(obs, state, goes_on)
+        mean = self.actor_mean(x)
         logstd = self.actor_logstd.expand_as(mean)
         if action is None:  # a sample is a fixed point: its log-prob's gradient must not flow through it
             action = (mean + logstd.exp() * torch.randn_like(mean)).detach()
@@ -274,7 +321,7 @@ class Agent(nn.Module):
         # are independent, so log-probs and entropies add up over them.
         logp = (-0.5 * ((action - mean) / logstd.exp()) ** 2 - logstd - 0.5 * math.log(2 * math.pi)).sum(-1)
         entropy = (0.5 + 0.5 * math.log(2 * math.pi) + logstd).sum(-1)
-        return action, logp, entropy, self.get_value(obs)
+        return action, logp, entropy, self.critic(x).squeeze(-1), state
 
 
 # --- Generalized Advantage Estimation -----------------------------------------------------------------------
@@ -375,6 +422,22 @@ def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tens
     ev = torch.where(var_y > 0, 1 - var_e / var_y, torch.nan)
     return torch.stack([ev, ((var_y > 0) & (var_y.sqrt() > 0.05 * sabs / n)).double()]).float()
 
+def minibatches(b_inds: torch.Tensor, args: Args, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """One epoch's minibatches, as indices into the rollout flattened step by step (t * N + env).
+
+    Feedforward: the transitions (b_inds) shuffled and split. With --lstm, whole sequences in time order (LSTM
+    detail 4), each an (L, sequences) block: every env's rollout, cut into `chunks` stretches of L consecutive steps
+    where there are fewer envs than minibatches (chunks = M / gcd(N, M): the fewest that M minibatches can share
+    evenly), shuffled and split. The update replays them and then drops the steps that only reset an env."""
+    if not args.lstm:
+        return torch.tensor_split(b_inds[torch.randperm(len(b_inds), device=device)], args.num_minibatches)
+    N, M = args.num_envs, args.num_minibatches
+    chunks = M // math.gcd(N, M)
+    L = args.num_steps // chunks
+    starts = (torch.arange(chunks, device=device)[:, None] * L * N + torch.arange(N, device=device)).flatten()
+    steps = torch.arange(L, device=device)[:, None] * N
+    return tuple(steps + s for s in torch.tensor_split(starts[torch.randperm(len(starts), device=device)], M))
+
 
 def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
     """Train PPO; returns the agent, its run folder and the episodes seen ({"returns", "lengths", "steps", "times"}).
@@ -385,7 +448,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
     with Run(args, stop_at_step) as run:  # checks the options, joins torchrun, seeds the random streams
         device = run.device
         envs = make_envs(args, args.num_envs, run.video_dir)
-        agent = Agent(envs).to(device)
+        agent = Agent(envs, args.lstm_hidden_size if args.lstm else 0).to(device)
         # Listed once: walking the module tree costs about 0.1 ms, paid twice per minibatch otherwise.
         params = list(agent.parameters())
         # Adam eps 1e-5 (detail 3) instead of torch's 1e-8; the fused kernel does the whole step in one call.
@@ -405,7 +468,8 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         terminations = np.zeros((T, N), dtype=np.float32)
         dones = np.zeros((T, N), dtype=np.float32)
         valid = np.zeros((T + 1, N), dtype=bool)  # False where a step only reset an env whose episode had ended
-        envs = run.start(agent, optimizer, envs, obs, valid)  # resumes from the checkpoint, or resets the envs
+        states = torch.zeros((T + 1, N, agent.state_size), device=device)  # the LSTM's state before each step
+        envs = run.start(agent, optimizer, envs, obs, valid, states)  # resumes from the checkpoint, or resets the envs
         normalization = SharedStatistics(envs, resumed=run.resumed is not None)
 
         for iteration in run.iterations():  # between updates: checkpoints, and the stop on Ctrl-C or SIGTERM
@@ -413,10 +477,10 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations)
 
             # --- rollout: the actor alone, no autograd bookkeeping ---
-            obs[0], valid[0] = obs[T], valid[T]
+            obs[0], valid[0], states[0] = obs[T], valid[T], states[T]
             with torch.inference_mode():
                 for step in range(T):
-                    action = agent.act(obs[step])
+                    action, states[step + 1] = agent.act(obs[step], states[step], torch.from_numpy(valid[step]))
                     actions[step] = action
                     # The env gets a clipped copy (ClipAction); the buffer keeps the sampled action.
                     # On the CPU .cpu() is free; with a GPU this is the one unavoidable copy per step.
@@ -433,23 +497,28 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
             # The rollout's host arrays go to the device before anything else is queued there: a copy from the
             # host waits for the device's queue, which is empty now.
             b_inds = torch.from_numpy(np.flatnonzero(valid[:T])).to(device)  # the transitions, found on the host
-            rewards_t, terminations_t, dones_t = (torch.from_numpy(x).to(device)
-                                                  for x in (rewards, terminations, dones))
-            b_obs, b_actions = obs[:-1].flatten(0, 1), actions.flatten(0, 1)
-            with torch.no_grad():
-                _, b_logprobs, _, b_values = agent.get_action_and_value(b_obs, b_actions)
-                values = torch.cat([b_values, agent.get_value(obs[T])]).view(T + 1, N)
+            rewards_t, terminations_t, dones_t, valid_t = (torch.from_numpy(x).to(device)
+                                                           for x in (rewards, terminations, dones, valid[:T]))
+            with torch.no_grad():  # (T, N) at once; with --lstm the rollout's sequences replayed from its first state
+                _, logprobs, _, values, _ = agent.get_action_and_value(obs[:-1], actions, states[0], valid_t)
+                values = torch.cat([values, agent.get_value(obs[T], states[T])[None]])
                 advantages = compute_gae(rewards_t, values, terminations_t, dones_t, args.gamma, args.gae_lambda)
-                b_advantages = advantages.reshape(-1)
-                b_returns = b_advantages + b_values
+            b_obs, b_actions, b_states, b_valid = (x.flatten(0, 1) for x in (obs[:-1], actions, states[:-1], valid_t))
+            b_logprobs, b_values, b_advantages = logprobs.flatten(), values[:-1].flatten(), advantages.flatten()
+            b_returns = b_advantages + b_values
 
             # --- K epochs of minibatch Adam on the batch ---
             mb_stats = []
             for epoch in range(args.update_epochs):
-                perm = b_inds[torch.randperm(len(b_inds), device=device)]
                 logratios = []
-                for mb in torch.tensor_split(perm, args.num_minibatches):
-                    _, newlogp, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])
+                for mb in minibatches(b_inds, args, device):
+                    if args.lstm:  # each sequence replayed from the rollout's state at its start (LSTM detail 5)
+                        _, newlogp, entropy, newvalue, _ = agent.get_action_and_value(
+                            b_obs[mb], b_actions[mb], b_states[mb[0]], b_valid[mb])
+                        keep = b_valid[mb]  # then the steps that only reset an env are dropped
+                        mb, newlogp, entropy, newvalue = mb[keep], newlogp[keep], entropy[keep], newvalue[keep]
+                    else:
+                        _, newlogp, entropy, newvalue, _ = agent.get_action_and_value(b_obs[mb], b_actions[mb])
                     loss, stats = loss_fn(newlogp, b_logprobs[mb], b_advantages[mb], newvalue, b_values[mb],
                                           b_returns[mb], entropy, clip_coef=args.clip_coef, vf_coef=args.vf_coef,
                                           ent_coef=args.ent_coef, norm_adv=args.norm_adv, clip_vloss=args.clip_vloss)
@@ -641,7 +710,7 @@ def flag(name: str) -> str:
 POSITIVE, AT_LEAST_0 = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "0 or more")
 RULES = {  # what the options of every script must be; Part A's OPTION_RULES adds the family's own
     **dict.fromkeys(("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
-                     "clip_coef", "max_grad_norm", "target_kl", "eval_episodes"), POSITIVE),
+                     "clip_coef", "max_grad_norm", "target_kl", "eval_episodes", "lstm_hidden_size"), POSITIVE),
     **dict.fromkeys(("ent_coef", "vf_coef", "checkpoint_every", "checkpoint_minutes", "eval_seed"), AT_LEAST_0),
     **dict.fromkeys(("gamma", "gae_lambda"), (lambda v: 0 <= v <= 1, "in [0, 1]")),
     "seed": (lambda v: 0 <= v < 2**31, "in [0, 2**31)"),  # numpy's seeds end at 2**32, and evaluation adds 1e9
@@ -657,15 +726,25 @@ def check_args(args: Args) -> None:
         ok, must = {**RULES, **OPTION_RULES}.get(name, (None, ""))
         if ok is not None and value is not None and not ok(value):
             raise UsageError(f"{flag(name)} is {value}; it must be {must}")
-    # An episode's end costs a step that only resets its env, so a rollout may hold as few transitions as half its
-    # steps; normalizing a minibatch's advantages needs two of them.
-    batch, fewest = args.batch_size, args.num_envs * (args.num_steps // 2)
-    fits = [d for d in range(1, batch + 1) if batch % d == 0 and fewest >= 2 * d]
-    if args.num_minibatches not in fits:
-        hint = f"e.g. {min(fits, key=lambda d: abs(d - args.num_minibatches))}" if fits else "raise --num-steps"
-        raise UsageError(f"--num-minibatches {args.num_minibatches} does not fit the batch (num_envs * num_steps = "
-                         f"{args.num_envs} * {args.num_steps} = {batch}): it must divide it and leave each minibatch 2 "
-                         f"transitions where half the steps only reset an env; {hint}")
+    # An episode's end costs a step that only resets its env, so L steps in a row hold at least L // 2 transitions;
+    # normalizing a minibatch's advantages needs two. With --lstm a minibatch takes whole sequences: each env's
+    # rollout, cut into c = m / gcd(num_envs, m) stretches when there are fewer envs than minibatches (minibatches()).
+    batch, N, T, m = args.batch_size, args.num_envs, args.num_steps, args.num_minibatches
+
+    def fits(d: int) -> bool:
+        if not args.lstm:
+            return batch % d == 0 and N * (T // 2) >= 2 * d
+        c = d // math.gcd(N, d)
+        return T % c == 0 and N * c // d * (T // c // 2) >= 2
+
+    fits = [d for d in range(1, batch + 1) if fits(d)]
+    if m not in fits:
+        hint = f"e.g. {min(fits, key=lambda d: abs(d - m))}" if fits else "raise --num-steps"
+        what = ("whole env sequences (each env's rollout, or equal stretches of it when there are fewer envs than "
+                "minibatches)" if args.lstm else "an equal share of it")
+        raise UsageError(f"--num-minibatches {m} does not fit the batch (num_envs * num_steps = {N} * {T} = {batch}"
+                         f"{', --lstm' if args.lstm else ''}): each minibatch takes {what} and needs 2 transitions "
+                         f"where half the steps only reset an env; {hint}")
     if args.num_iterations == 0:
         raise UsageError(f"--total-timesteps {args.total_timesteps} is less than one batch ({batch * args.world_size} ="
                          f" num_envs * num_steps{' * ranks' if args.world_size > 1 else ''}); raise it")
@@ -692,10 +771,11 @@ def load_checkpoint(args: Args) -> dict:
         raise UsageError(f"--resume {path} is a saved agent, not a checkpoint (runs/<run_name>/checkpoint.pt)")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"--resume {path} was written by another version of {ckpt.get('script')}; finish it with that")
-    for name, value in asdict(args).items():
-        if name not in FREE_ON_RESUME and ckpt["args"].get(name) != value:
-            raise UsageError(f"--resume {path} was trained with {flag(name)} {ckpt['args'].get(name)}, not {value}; a "
-                             "resumed run goes on as it started (only the budget and what watches it may change)")
+    for name, value in asdict(args).items():  # an option the checkpoint predates had its default value
+        if name not in FREE_ON_RESUME and getattr(saved_args(ckpt), name) != value:
+            raise UsageError(f"--resume {path} was trained with {flag(name)} {getattr(saved_args(ckpt), name)}, not "
+                             f"{value}; a resumed run goes on as it started (only the budget and what watches it may "
+                             "change)")
     if len(ckpt["ranks"]) != args.world_size:
         raise UsageError(f"--resume {path} was written by {len(ckpt['ranks'])} process(es), not {args.world_size}; "
                          "resume it with as many (torchrun --nproc-per-node, or python for 1)")
@@ -1237,15 +1317,17 @@ def evaluate(path: str, episodes: int, seed: Optional[int] = None, deterministic
     check_args(args)  # the env's module imports, or one line says why not
     envs = make_envs(args, 1, video_dir)
     load_env_stats(envs, data.get("env_stats", {}))
-    agent = Agent(envs)
+    agent = Agent(envs, args.lstm_hidden_size if args.lstm else 0)
     load_weights(agent, data["model"], f"--eval-checkpoint {path}")
     seed = EVAL_SEED_OFFSET + args.seed if seed is None else seed
     torch.manual_seed(seed)
     returns, (next_obs, _) = [], envs.reset(seed=seed)
+    state, goes_on = torch.zeros((1, agent.state_size)), np.ones(1, bool)  # an LSTM's state, carried through episodes
     with torch.inference_mode():
         while len(returns) < episodes:
-            action = agent.act(torch.as_tensor(next_obs, dtype=OBS_DTYPE), deterministic=deterministic)
-            next_obs, _, _, _, info = envs.step(action.numpy())
+            action, state = agent.act(torch.as_tensor(next_obs, dtype=OBS_DTYPE), state, goes_on, deterministic)
+            next_obs, _, terminated, truncated, info = envs.step(action.numpy())
+            goes_on = ~(terminated | truncated)
             if "_episode" in info:
                 returns.extend(info["episode"]["r"][info["_episode"]].tolist())
     envs.close()

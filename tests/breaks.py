@@ -14,7 +14,7 @@ BREAKS = {
         ("(1.0 - (iteration - 1.0) / args.num_iterations)", "(1.0 - iteration / args.num_iterations)")]},
     "generalized advantage estimation": {"edits": [
         ("discounts = gamma * gae_lambda * (1.0 - dones)", "discounts = gamma * gae_lambda * (1.0 - terminations)")]},
-    "mini-batch updates": {"edits": [("perm = b_inds[torch.randperm(len(b_inds), device=device)]", "perm = b_inds")]},
+    "mini-batch updates": {"edits": [("b_inds[torch.randperm(len(b_inds), device=device)], args", "b_inds, args")]},
     "advantage normalization": {"edits": [
         ("return ((x - mean) / (std + 1e-8)).to(x.dtype)", "return (x / (std + 1e-8)).to(x.dtype)")]},
     "clipped surrogate objective": {"edits": [("1 + clip_coef)).mean()", "1 + clip_coef)).sum()")]},
@@ -29,8 +29,8 @@ BREAKS = {
     "debug variables": {"edits": [('"approx_kl": sums[2] / n', '"approx_kl": sums[1] / n')]},
     "early stopping on target KL": {"edits": [("break  # early stop (detail 12)", "continue  # early stop (detail 12)")]},
     "shared and separate MLP networks": {"edits": [
-        ("return self.critic(obs[..., :-self.mask_size] if self.mask_size else obs).squeeze(-1)",
-         "return self.critic[-1](self.actor[:-1](obs[..., :-self.mask_size] if self.mask_size else obs)).squeeze(-1)")]},
+        ("return action, logp, entropy, self.critic(x).squeeze(-1), state",
+         "return action, logp, entropy, self.critic[-1](self.actor[:-1](x)).squeeze(-1), state")]},
     # --- the 9 Atari details ---
     "NoopResetEnv": {"edits": [("noop_max=30", "noop_max=0")]},
     "MaxAndSkipEnv": {"edits": [("frame_skip=4", "frame_skip=3")]},
@@ -38,8 +38,9 @@ BREAKS = {
     "FireResetEnv": {"edits": [('get_action_meanings()[1:2] == ["FIRE"]', 'get_action_meanings()[0:1] == ["FIRE"]')]},
     "WarpFrame": {"edits": [("screen_size=84", "screen_size=80")]},
     "ClipRewardEnv": {"edits": [("TransformReward(envs, np.sign)", "TransformReward(envs, lambda reward: reward / 10)")]},
-    "FrameStack": {"edits": [("FrameStackObservation(env, 4)", 'FrameStackObservation(env, 4, padding_type="zero")')]},
-    "shared Nature-CNN": {"edits": [("layer_init(nn.Conv2d(4, 32, 8, stride=4))", "layer_init(nn.Conv2d(4, 32, 8, stride=2))")]},
+    "FrameStack": {"edits": [("FrameStackObservation(env, frame_stack)",
+                              'FrameStackObservation(env, frame_stack, padding_type="zero")')]},
+    "shared Nature-CNN": {"edits": [("shape[0], 32, 8, stride=4)", "shape[0], 32, 8, stride=2)")]},
     "scaling images to [0, 1]": {"edits": [("/ 255.0)", "/ 256.0)")]},
     # --- the 9 continuous-control details ---
     "continuous actions via normal distributions": {"edits": [
@@ -49,7 +50,8 @@ BREAKS = {
     "independent action components": {"edits": [
         ("- logstd - 0.5 * math.log(2 * math.pi)).sum(-1)", "- logstd - 0.5 * math.log(2 * math.pi)).mean(-1)")]},
     "separate policy and value networks": {"edits": [
-        ("return self.critic(obs).squeeze(-1)", "return self.critic[-1](self.actor_mean[:-1](obs)).squeeze(-1)")]},
+        ("return action, logp, entropy, self.critic(x).squeeze(-1), state",
+         "return action, logp, entropy, self.critic[-1](self.actor_mean[:-1](x)).squeeze(-1), state")]},
     "action clipping and storage": {"edits": [("np.clip(action, low, high)", "action")]},
     "observation normalization": {"edits": [
         ("NormalizeObservation(envs)", "NormalizeObservation(envs, epsilon=1.0)")]},
@@ -57,9 +59,18 @@ BREAKS = {
         ("np.clip(obs, -args.clip_obs, args.clip_obs)", "np.clip(obs, -args.clip_obs, args.clip_reward)")]},
     "reward scaling": {"edits": [("ScaleReward(envs, gamma=args.gamma)", "ScaleReward(envs)")]},
     "reward clipping": {"edits": [("np.clip(reward, -args.clip_reward,", "np.clip(reward, -args.clip_obs,")]},
+    # --- the 5 LSTM details ---
+    "LSTM initialization": {"edits": [("if name.startswith(\"weight\") else nn.init.zeros_(param)",
+                                       "if name.startswith(\"weight\") else None")]},
+    "zero initial state": {"edits": [("                buffer[-1] = 0\n", "                pass\n")]},
+    "the state reset at every episode's end": {"edits": [
+        ("h, c, start = h * keep[end - 1], c * keep[end - 1], end", "h, c, start = h, c, end")]},
+    "minibatches of whole sequences in time order": {"edits": [
+        ("steps = torch.arange(L, device=device)[:, None] * N", "steps = torch.randperm(L, device=device)[:, None] * N")]},
+    "the states rebuilt in the update": {"edits": [("b_states[mb[0]], b_valid[mb])", "0 * b_states[mb[0]], b_valid[mb])")]},
     # --- discrete envs of your own ---
     "invalid action masking": {"edits": [
-        ("logits = torch.where(mask, self.actor(obs), -1e8)", "logits = torch.where(mask, self.actor(obs), -1e-8)")]},
+        ("self.mask_size:] > 0.5, self.actor(x), -1e8)", "self.mask_size:] > 0.5, self.actor(x), -1e-8)")]},
     "MultiDiscrete (and MultiBinary) actions": {"edits": [
         ("logp, entropy = logp.sum(-1), entropy.sum(-1)", "logp, entropy = logp.mean(-1), entropy.mean(-1)")]},
     "observations gymnasium can flatten": {"edits": [("    return space.is_np_flattenable", "    return False")]},
@@ -73,11 +84,11 @@ BREAKS = {
     "truncation is not termination": {"edits": [
         ("gamma * values[1:] * (1.0 - terminations)", "gamma * values[1:] * (1.0 - dones)")]},
     "the autoreset step is not a transition": {"edits": [("valid[step + 1] = ~done", "valid[step + 1] = True")]},
-    "the last step's bootstrap": {"edits": [("agent.get_value(obs[T])", "agent.get_value(obs[T - 1])")]},
+    "the last step's bootstrap": {"edits": [("agent.get_value(obs[T], states[T])", "agent.get_value(obs[T - 1], states[T])")]},
     "the value target": {"edits": [("b_returns = b_advantages + b_values", "b_returns = b_advantages")]},
     "every epoch": {"edits": [("for epoch in range(args.update_epochs):", "for epoch in range(args.update_epochs - 1):")]},
-    "every minibatch": {"edits": [("torch.tensor_split(perm, args.num_minibatches):",
-                                   "torch.tensor_split(perm, args.num_minibatches)[1:]:")]},
+    "every minibatch": {"edits": [("for mb in minibatches(b_inds, args, device):",
+                                   "for mb in minibatches(b_inds, args, device)[1:]:")]},
     "the seed of each env": {"edits": [("seed=args.seed + self.rank * args.num_envs", "seed=self.rank * args.num_envs")]},
     "same seed, same numbers": {"edits": [("torch.manual_seed(args.seed + self.rank)", "torch.seed()")]},
     "sampling a categorical": {"edits": [

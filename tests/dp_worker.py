@@ -31,7 +31,11 @@ if os.environ.get("SAME_ACTIONS"):  # the most likely action instead of a sample
         ppo.sample = lambda logits: logits.argmax(-1)
     else:  # ppo_continuous.py: the mean plus half a std (at the mean itself, the mean's policy gradient is 0)
         act = ppo.Agent.act
-        ppo.Agent.act = lambda agent, obs, deterministic=False: act(agent, obs, True) + 0.5 * agent.actor_logstd.exp()
+        def mean_plus_half_std(agent, obs, state=None, goes_on=True, deterministic=False):
+            action, state = act(agent, obs, state, goes_on, True)
+            return action + 0.5 * agent.actor_logstd.exp(), state
+
+        ppo.Agent.act = mean_plus_half_std
 if os.environ.get("FROZEN_STATS"):  # each rank's statistics would otherwise see only its own data until merged
     make_envs = ppo.make_envs
 

@@ -155,6 +155,36 @@ class StrictMaskEnv(gym.Env):
         return obs, reward, self.t >= self.episode, False, ({} if self.dict_obs else info)
 
 
+class CueEnv(gym.Env):
+    """Episodes of 3 steps, whose first observation is a cue and the rest 0. The first episode after a seeded reset
+    shows 1 for an odd seed and -1 for an even one, every later episode 0.5: envs seeded apart differ only in what
+    their first episode showed, so from the second episode on a memory that crosses no episode's end sees the same.
+    image: the observation is that many 84x84 uint8 frames (cue 1, -1, 0.5, 0 -> 255, 64, 128, 0), one life."""
+
+    def __init__(self, continuous=False, image=0):
+        self.image = image
+        self.observation_space = gym.spaces.Box(0, 255, (image, 84, 84), np.uint8) if image else \
+            gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.action_space = gym.spaces.Discrete(4) if image else action_space(continuous)
+
+    def obs(self, cue):
+        if self.image:
+            return np.full(self.observation_space.shape, {1.0: 255, -1.0: 64, 0.5: 128, 0.0: 0}[cue], np.uint8)
+        return np.array([cue], np.float32)
+
+    def lives(self):
+        return 1
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self.obs(0.5 if seed is None else 1.0 if seed % 2 else -1.0), {"lives": 1}
+
+    def step(self, action):
+        self.t += 1
+        return self.obs(0.0), 1.0, self.t >= 3, False, {"lives": 1}
+
+
 class UnboundedEnv(ConstantEnv):
     def __init__(self):
         super().__init__(length=5, continuous=True)
@@ -177,6 +207,8 @@ def register_test_envs() -> None:
     gym.register("TestTruncate-v0", entry_point=ConstantEnv, kwargs={"length": 10, "terminate": False},
                  max_episode_steps=10)
     gym.register("TestImage-v0", entry_point=ConstantEnv, kwargs={"obs_shape": (8, 8, 3)})
+    gym.register("TestCue-v0", entry_point=CueEnv)
+    gym.register("TestCueContinuous-v0", entry_point=CueEnv, kwargs={"continuous": True})
     gym.register("TestUnbounded-v0", entry_point=UnboundedEnv)
     # Breakout cut by a time limit of 100 emulator frames (about 17 agent steps after the no-ops and FIRE).
     gym.register("TestBreakoutCut-v0", entry_point="ale_py.env:AtariEnv", max_episode_steps=100,

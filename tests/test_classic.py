@@ -90,8 +90,8 @@ def test_masks_given_only_after_a_step_are_named_in_a_warning(capsys):
 def test_no_action_masks_trains_without_them(monkeypatch):
     seen, original = [], ppo.Agent.__init__
 
-    def record(self, envs):
-        original(self, envs)
+    def record(self, envs, *a):
+        original(self, envs, *a)
         seen.append((self.mask_size, envs.single_observation_space.shape))
 
     monkeypatch.setattr(ppo.Agent, "__init__", record)

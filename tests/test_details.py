@@ -37,7 +37,7 @@ def defined_tests(path: str) -> set[str]:
 
 
 def test_the_map_has_every_detail_of_huang_et_al_and_every_break_a_row():
-    for heading, least in zip(SECTIONS, [13, 9, 9]):
+    for heading, least in zip(SECTIONS, [13, 9, 9, 5]):
         assert len(SECTIONS[heading]) >= least, f"section '{heading}' has fewer rows than its {least} details"
     assert not set(BREAKS) - set(IDS), f"breaks of no row: {sorted(set(BREAKS) - set(IDS))}"
 

@@ -150,6 +150,19 @@ def test_atari_ranks_share_parameters(in_tmp_dir):
     assert r0["global_step"] == 256
 
 
+def test_lstm_ranks_share_parameters_and_each_keeps_its_state(in_tmp_dir):
+    # Masks and --lstm together: each rank carries its own envs' LSTM states; the checkpoint keeps every rank's.
+    proc = torchrun("ppo_discrete", in_tmp_dir / "out", "--env-id", "TestMasked-v0", "--lstm", "--lstm-hidden-size", "8",
+                    "--total-timesteps", "512", "--num-envs", "2", "--num-steps", "32", "--no-progress", "--run-name",
+                    "lstm", "--checkpoint-every", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = ranks(in_tmp_dir / "out")
+    assert same_params(r0["model"], r1["model"]) and "lstm.weight_hh_l0" in r0["model"]
+    states = [rank["carried"][2] for rank in torch.load(in_tmp_dir / "runs" / "lstm" / "checkpoint.pt",
+                                                        weights_only=True)["ranks"]]
+    assert states[0].shape == (2, 16) and not torch.equal(states[0], states[1])
+
+
 def test_action_masks_travel_with_the_observations_across_ranks(in_tmp_dir):
     # Taxi-v4 gives action masks: they ride in the observation, so two ranks train on them like on any other.
     proc = torchrun("ppo_discrete", in_tmp_dir / "out", "--env-id", "Taxi-v4", "--total-timesteps", "1024",

@@ -60,7 +60,7 @@ def recording(ppo, monkeypatch) -> dict:
     monkeypatch.setattr(ppo, "make_envs", lambda *a, **kw: Recorder(make_envs(*a, **kw), seen["returned"]))
     monkeypatch.setattr(ppo, "compute_gae", spy_gae)
     monkeypatch.setattr(ppo, "ppo_loss", spy_loss)
-    monkeypatch.setattr(ppo.Agent, "__init__", lambda self, envs: init(self, envs) or seen["agents"].append(self))
+    monkeypatch.setattr(ppo.Agent, "__init__", lambda self, envs, *a: init(self, envs, *a) or seen["agents"].append(self))
     return seen
 
 
@@ -133,10 +133,10 @@ def updates_seen(ppo, monkeypatch, **kw) -> list[torch.Tensor]:
     """Train a tiny run; return the observations of every minibatch the update learns from, in order."""
     seen, original = [], ppo.Agent.get_action_and_value
 
-    def record(self, obs, action=None):
+    def record(self, obs, action=None, *recurrent):
         if torch.is_grad_enabled():  # the update's calls; the rollout's run without autograd
             seen.append(obs.detach().clone())
-        return original(self, obs, action)
+        return original(self, obs, action, *recurrent)
 
     monkeypatch.setattr(ppo.Agent, "get_action_and_value", record)
     ppo.train(tiny(ppo, **kw))
@@ -181,10 +181,10 @@ def cut_run(request, tmp_path_factory):
         seen = recording(ppo, mp)
         original = ppo.Agent.get_action_and_value
 
-        def spy_update(self, obs, action=None):
+        def spy_update(self, obs, action=None, *recurrent):
             if torch.is_grad_enabled():
                 trained.append(rows(obs.detach()))
-            return original(self, obs, action)
+            return original(self, obs, action, *recurrent)
 
         mp.setattr(ppo.Agent, "get_action_and_value", spy_update)
         steps = 32 if ppo.__name__ == "ppo_atari" else 40
@@ -269,7 +269,7 @@ def test_a_nan_loss_stops_the_run_without_the_bad_step(ppo, monkeypatch):
     # update's end, and the parameters are those after the second step. The run did not finish.
     agents, after_step, calls = [], [], []
     init, ppo_loss = ppo.Agent.__init__, ppo.ppo_loss
-    monkeypatch.setattr(ppo.Agent, "__init__", lambda self, envs: init(self, envs) or agents.append(self))
+    monkeypatch.setattr(ppo.Agent, "__init__", lambda self, envs, *a: init(self, envs, *a) or agents.append(self))
 
     def nan_on_the_third(*a, **kw):
         loss, stats = ppo_loss(*a, **kw)

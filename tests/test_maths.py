@@ -244,8 +244,8 @@ def test_cross_rank_helpers_reduce_to_the_plain_formulas_in_one_process(ppo):
 # ----------------------------------------------------------------------------------------------------
 # The copies agree
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["layer_init", "compute_gae", "normalize", "ppo_loss", "policy_shift",
-                                  "explained_variance"])
+@pytest.mark.parametrize("name", ["layer_init", "lstm_init", "recur", "compute_gae", "mean_std", "normalize", "ppo_loss",
+                                  "policy_shift", "explained_variance", "minibatches"])
 def test_core_is_the_same_in_every_script(name):
     sources = {s: inspect.getsource(getattr(importlib.import_module(s), name)) for s in SCRIPTS}
     for script, src in sources.items():
@@ -322,10 +322,10 @@ def test_categorical_sampling_log_probs_and_entropy():
         n, obs = 100_000, torch.randn(1, 3).expand(100_000, 3)
         dist = torch.distributions.Categorical(logits=agent.actor(obs[:1]))
         assert dist.probs.max() > 0.5
-        freq = torch.bincount(agent.act(obs), minlength=4).float() / n
+        freq = torch.bincount(agent.act(obs)[0], minlength=4).float() / n
         # Each frequency within 4 standard errors, sqrt(p (1 - p) / n), of its probability.
         assert ((freq - dist.probs[0]).abs() <= 4 * (dist.probs[0] * (1 - dist.probs[0]) / n).sqrt()).all()
-        _, logp, entropy, value = agent.get_action_and_value(obs[:4], torch.arange(4))
+        _, logp, entropy, value, _ = agent.get_action_and_value(obs[:4], torch.arange(4))
         torch.testing.assert_close(logp, dist.log_prob(torch.arange(4)), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(entropy, dist.entropy().expand(4), rtol=1e-5, atol=1e-6)
         assert value.shape == (4,)
@@ -334,7 +334,7 @@ def test_categorical_sampling_log_probs_and_entropy():
     _, fresh = agent_of("ppo_discrete", 3, gym.spaces.Discrete(4))
     many = torch.randn(200, 3)
     with torch.no_grad():
-        assert torch.equal(fresh.act(many, deterministic=True), fresh.actor(many).argmax(-1))
+        assert torch.equal(fresh.act(many, deterministic=True)[0], fresh.actor(many).argmax(-1))
 
 
 @pytest.mark.parametrize("name", ["ppo_discrete", "ppo_atari"])
@@ -372,14 +372,14 @@ def test_masked_sampling_never_returns_an_invalid_action():
     agent, masks = masked_agent([5]), random_masks(8, [5])
     obs = torch.cat([torch.randn(8, N_OBS), masks], 1).repeat(5000, 1)
     with torch.no_grad():
-        actions, greedy = agent.act(obs), agent.act(obs, deterministic=True)
+        actions, greedy = agent.act(obs)[0], agent.act(obs, deterministic=True)[0]
     assert masks.repeat(5000, 1)[torch.arange(len(obs)), actions].all()
     assert masks.repeat(5000, 1)[torch.arange(len(obs)), greedy].all()
     # Without the mask the same policy picks an invalid action often: the test can tell the two apart.
     _, free = agent_of("ppo_discrete", N_OBS, gym.spaces.Discrete(5))
     free.actor.load_state_dict(agent.actor.state_dict())
     with torch.no_grad():
-        picked = free.act(obs[:, :N_OBS])
+        picked = free.act(obs[:, :N_OBS])[0]
     assert (1 - masks.repeat(5000, 1)[torch.arange(len(picked)), picked]).mean() > 0.1
 
 
@@ -392,7 +392,7 @@ def test_masked_log_probs_and_entropy_match_a_categorical_over_the_valid_actions
             valid = masks[row].bool()
             dist = torch.distributions.Categorical(logits=logits[row][valid])
             for k, action in enumerate(valid.nonzero().flatten()):
-                _, logp, entropy, _ = agent.get_action_and_value(obs[row:row + 1], action.view(1))
+                _, logp, entropy, _, _ = agent.get_action_and_value(obs[row:row + 1], action.view(1))
                 torch.testing.assert_close(logp, dist.log_prob(torch.tensor([k])), rtol=1e-5, atol=1e-6)
                 torch.testing.assert_close(entropy, dist.entropy().view(1), rtol=1e-5, atol=1e-6)
 
@@ -401,8 +401,8 @@ def test_the_ratio_of_a_masked_action_is_finite_and_sends_no_nan_gradient():
     old, new, masks = masked_agent([5], seed=0), masked_agent([5], seed=1), random_masks(4, [5], seed=2)
     obs, invalid = torch.cat([torch.randn(4, N_OBS), masks], 1), (1 - masks).argmax(1)  # an action the mask forbids
     with torch.no_grad():
-        _, oldlogp, _, _ = old.get_action_and_value(obs, invalid)
-    _, newlogp, entropy, _ = new.get_action_and_value(obs, invalid)
+        _, oldlogp, _, _, _ = old.get_action_and_value(obs, invalid)
+    _, newlogp, entropy, _, _ = new.get_action_and_value(obs, invalid)
     ratio = (newlogp - oldlogp).exp()
     assert ((1 - masks).sum(1) > 0).any() and torch.isfinite(ratio).all() and torch.isfinite(entropy).all()
     (ratio.sum() + entropy.sum()).backward()
@@ -417,7 +417,7 @@ def test_multi_dimensional_log_prob_and_entropy_are_sums_over_independent_catego
     with torch.no_grad():
         agent.actor[-1].weight.normal_(0, 3.0)
         obs = torch.randn(64, N_OBS)
-        action, logp, entropy, _ = agent.get_action_and_value(obs)
+        action, logp, entropy, _, _ = agent.get_action_and_value(obs)
         nvec = ppo.choices(space)
         assert action.shape == (64, len(nvec))
         dists = [torch.distributions.Categorical(logits=x) for x in agent.actor(obs).split(nvec, -1)]
@@ -425,11 +425,11 @@ def test_multi_dimensional_log_prob_and_entropy_are_sums_over_independent_catego
                                    atol=1e-5)
         torch.testing.assert_close(entropy, sum(d.entropy() for d in dists), rtol=1e-5, atol=1e-5)
         # Each dimension is sampled from its own distribution: compare the frequencies on one observation.
-        many = agent.act(obs[:1].expand(20000, N_OBS))
+        many = agent.act(obs[:1].expand(20000, N_OBS))[0]
         for i, d in enumerate(dists):
             freq = torch.bincount(many[:, i], minlength=nvec[i]).float() / len(many)
             assert ((freq - d.probs[0]).abs() <= 4 * (d.probs[0] * (1 - d.probs[0]) / len(many)).sqrt() + 1e-3).all()
-        assert torch.equal(agent.act(obs, deterministic=True), torch.stack([d.probs.argmax(-1) for d in dists], 1))
+        assert torch.equal(agent.act(obs, deterministic=True)[0], torch.stack([d.probs.argmax(-1) for d in dists], 1))
 
 
 def test_gaussian_log_prob_entropy_and_samples():
@@ -438,17 +438,17 @@ def test_gaussian_log_prob_entropy_and_samples():
     with torch.no_grad():
         agent.actor_logstd.copy_(torch.tensor([[-0.5, 0.0, 0.7]]))
     obs, action = torch.randn(16, 5), torch.randn(16, 3) * 2
-    _, logp, entropy, value = agent.get_action_and_value(obs, action)
+    _, logp, entropy, value, _ = agent.get_action_and_value(obs, action)
     dist = torch.distributions.Normal(agent.actor_mean(obs), agent.actor_logstd.exp().expand(16, 3))
     torch.testing.assert_close(logp, dist.log_prob(action).sum(-1))
     torch.testing.assert_close(entropy, dist.entropy().sum(-1))
     assert value.shape == (16,)
     # Samples follow that Gaussian: mean and std within 4 standard errors, std / sqrt(n) and std / sqrt(2n).
     n, std = 40_000, dist.stddev[0].detach()
-    samples = agent.act(obs[:1].expand(n, 5)).detach()
+    samples = agent.act(obs[:1].expand(n, 5))[0].detach()
     assert ((samples.mean(0) - dist.mean[0].detach()).abs() <= 4 * std / math.sqrt(n)).all()
     assert ((samples.std(0) - std).abs() <= 4 * std / math.sqrt(2 * n)).all()
-    assert torch.equal(agent.act(obs, deterministic=True), agent.actor_mean(obs))
+    assert torch.equal(agent.act(obs, deterministic=True)[0], agent.actor_mean(obs))
 
 
 def test_the_first_policy_has_std_1_whatever_the_state():
@@ -456,9 +456,9 @@ def test_the_first_policy_has_std_1_whatever_the_state():
     _, agent = agent_of("ppo_continuous", 5, box(3))
     obs = torch.randn(64, 5) * 10  # very different states: the spread of the actions does not depend on them
     with torch.no_grad():
-        _, _, entropy, _ = agent.get_action_and_value(obs)
+        _, _, entropy, _, _ = agent.get_action_and_value(obs)
         torch.testing.assert_close(entropy, torch.full((64,), 3 * (0.5 + 0.5 * math.log(2 * math.pi))))
-        samples = agent.act(obs[:2].repeat_interleave(40_000, 0)).view(2, 40_000, 3)
+        samples = agent.act(obs[:2].repeat_interleave(40_000, 0))[0].view(2, 40_000, 3)
     # The sample std of n normal draws has a standard error of about std / sqrt(2n): 4 of them as tolerance.
     torch.testing.assert_close(samples.std(1), torch.ones(2, 3), atol=4 / math.sqrt(2 * 40_000), rtol=0)
 
@@ -474,7 +474,7 @@ def test_actor_and_critic_are_separate_networks(name):
     action = agent.get_action_and_value(obs)[0]
     for vf_coef, ent_coef, moved, still in [(0.0, 0.01, actor, critic), (1.0, 0.0, critic, actor)]:
         agent.zero_grad()
-        _, newlogp, entropy, newvalue = agent.get_action_and_value(obs, action)
+        _, newlogp, entropy, newvalue, _ = agent.get_action_and_value(obs, action)
         loss, _ = ppo.ppo_loss(newlogp, newlogp.detach() - 0.05, torch.randn(16) if vf_coef == 0 else z, newvalue, z,
                                torch.randn(16) * 5, entropy, clip_coef=0.2, vf_coef=vf_coef, ent_coef=ent_coef)
         loss.backward()
@@ -487,20 +487,20 @@ def test_the_atari_cnn_shares_its_trunk_and_starts_near_uniform():
     ppo, agent = agent_of("ppo_atari")
     obs = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
     assert agent.network(obs.float()).shape == (3, 512)
-    assert agent.get_value(obs).shape == (3,) and agent.act(obs).shape == (3,) and agent.act(obs).max() < 6
-    _, logp, entropy, value = agent.get_action_and_value(obs, torch.tensor([0, 1, 5]))
+    assert agent.get_value(obs).shape == (3,) and agent.act(obs)[0].shape == (3,) and agent.act(obs)[0].max() < 6
+    _, logp, entropy, value, _ = agent.get_action_and_value(obs, torch.tensor([0, 1, 5]))
     assert logp.shape == entropy.shape == value.shape == (3,)
     assert torch.allclose(entropy, torch.full((3,), np.log(6)), atol=1e-3)  # 0.01 head gain: near uniform
     # Deterministic: the most likely action, where a sample of this near-uniform policy would miss it in 5 of 6.
     many = torch.randint(0, 256, (16, 4, 84, 84), dtype=torch.uint8)
     with torch.no_grad():
-        assert torch.equal(agent.act(many, deterministic=True), agent(many)[0].argmax(-1))
+        assert torch.equal(agent.act(many, deterministic=True)[0], agent(many)[0].argmax(-1))
     # A policy far from uniform: log-probs and entropies are those of the categorical of its logits.
     with torch.no_grad():
         agent.actor.weight.normal_(0, 0.3)
         dist = torch.distributions.Categorical(logits=agent(obs)[0])
         actions = torch.tensor([0, 3, 5])
-        _, logp, entropy, _ = agent.get_action_and_value(obs, actions)
+        _, logp, entropy, _, _ = agent.get_action_and_value(obs, actions)
         torch.testing.assert_close(logp, dist.log_prob(actions), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(entropy, dist.entropy(), rtol=1e-5, atol=1e-5)
         assert (dist.log_prob(actions) - dist.log_prob(actions * 0)).abs().max() > 0.1  # the action taken matters
@@ -522,9 +522,9 @@ def test_bfloat16_runs_only_the_trunk_the_heads_and_sampling_stay_fp32():
     obs = torch.randint(0, 256, (6, 4, 84, 84), dtype=torch.uint8)
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
         assert agent.network(obs.float()).dtype == torch.bfloat16
-        logits, value = agent(obs)
-        action, logp, _, value2 = agent.get_action_and_value(obs)
-        _, newlogp, entropy, value3 = agent.get_action_and_value(obs, action)
+        logits, value, _ = agent(obs)
+        action, logp, _, value2, _ = agent.get_action_and_value(obs)
+        _, newlogp, entropy, value3, _ = agent.get_action_and_value(obs, action)
     assert logits.dtype == value.dtype == logp.dtype == value2.dtype == newlogp.dtype == entropy.dtype == torch.float32
     torch.testing.assert_close(logp, newlogp)
     torch.testing.assert_close(value2, value3)

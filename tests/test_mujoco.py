@@ -49,10 +49,10 @@ def test_the_stored_action_is_unclipped_and_the_env_gets_a_clipped_copy(monkeypa
     seen_by_env, trained_on = [], []
     original_step, original_evaluate = ConstantEnv.step, ppo.Agent.get_action_and_value
     monkeypatch.setattr(ConstantEnv, "step", lambda self, a: seen_by_env.append(np.array(a)) or original_step(self, a))
-    monkeypatch.setattr(ppo.Agent, "get_action_and_value", lambda self, obs, action=None: trained_on.append(
-        action.detach().clone()) or original_evaluate(self, obs, action))
+    monkeypatch.setattr(ppo.Agent, "get_action_and_value", lambda self, obs, action=None, *r: trained_on.append(
+        action.detach().clone()) or original_evaluate(self, obs, action, *r))
     ppo.train(tiny(env_id="TestTerminateContinuous-v0", total_timesteps=256, num_envs=1))
-    sent, stored = np.concatenate(seen_by_env), torch.cat(trained_on)
+    sent, stored = np.concatenate(seen_by_env), torch.cat([a.flatten(0, -2) for a in trained_on])
     assert np.abs(sent).max() <= 1.0  # the env's bounds are [-1, 1]; the initial std is 1
     assert stored.abs().max() > 1.5  # so the sampled actions often fall outside them
 
@@ -155,8 +155,7 @@ def test_evaluation_normalizes_with_the_saved_statistics(in_tmp_dir, monkeypatch
     ppo.train(tiny(save_model=True))
     saved = load("runs/tiny/agent.pt")["env_stats"]["obs_rms"]
     seen, act = [], ppo.Agent.act
-    monkeypatch.setattr(ppo.Agent, "act", lambda self, obs, deterministic=False: seen.append(obs.clone()) or
-                        act(self, obs, deterministic))
+    monkeypatch.setattr(ppo.Agent, "act", lambda self, obs, *a: seen.append(obs.clone()) or act(self, obs, *a))
     ppo.evaluate("runs/tiny/agent.pt", episodes=1, seed=5)
     # The first observation the agent gets is the env's reset observation, normalized by the saved statistics.
     raw, _ = gym.make("InvertedPendulum-v5").reset(seed=5)
@@ -193,7 +192,7 @@ def test_box2d_envs_run_out_of_the_box():
 def test_the_policy_loss_moves_the_state_independent_log_std():
     _, agent = None, ppo.Agent(spaces(box(4), box(2)))
     obs, act = torch.randn(16, 4), torch.randn(16, 2)
-    _, newlogp, entropy, newvalue = agent.get_action_and_value(obs, act)
+    _, newlogp, entropy, newvalue, _ = agent.get_action_and_value(obs, act)
     z = torch.zeros(16)
     loss, _ = ppo.ppo_loss(newlogp, newlogp.detach() - 0.05, torch.randn(16), newvalue, z, z, entropy, clip_coef=0.2,
                            vf_coef=0.0, ent_coef=0.01)

@@ -246,8 +246,8 @@ def test_evaluation_plays_on_seeds_apart_from_training_and_can_be_deterministic(
     reset, act = gym.wrappers.vector.RecordEpisodeStatistics.reset, ppo.Agent.act
     monkeypatch.setattr(gym.wrappers.vector.RecordEpisodeStatistics, "reset",
                         lambda self, **kw: seeds.append(kw.get("seed")) or reset(self, **kw))
-    monkeypatch.setattr(ppo.Agent, "act", lambda self, obs, deterministic=False: modes.append(deterministic) or
-                        act(self, obs, deterministic))
+    monkeypatch.setattr(ppo.Agent, "act", lambda self, obs, state, goes_on, deterministic=False:
+                        modes.append(deterministic) or act(self, obs, state, goes_on, deterministic))
     assert ppo.main(["--eval-checkpoint", "runs/tiny/agent.pt", "--eval-episodes", "1"]) == 0
     assert seeds == [1_000_000_003] and set(modes) == {False}
     assert "1 episodes (actions sampled from the policy, env seed 1000000003): return " in capsys.readouterr().out

@@ -1,0 +1,234 @@
+"""--lstm in every script: the five LSTM details of Huang et al. 2022 (initialization, zero initial state, the state
+reset at every episode's end, minibatches of whole sequences, the states rebuilt in the update), and what must keep
+working with it (action masks, MultiDiscrete actions, exact resume, evaluation, --async-envs, --compile)."""
+
+import dataclasses
+import importlib
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from helpers import CueEnv, assert_bad_input, box, load, same_params, spaces, tiny_args
+
+HIDDEN = 8  # units: enough for a state that remembers, small enough for fast runs
+
+
+def lstm_args(ppo, **kw):
+    return tiny_args(ppo, lstm=True, lstm_hidden_size=HIDDEN, **kw)
+
+
+def cue_run(ppo, monkeypatch, **kw):
+    """Args of a run on CueEnv (3-step episodes, two envs that differ only in their first episode's cue); Atari gets
+    it as frames, through make_env."""
+    if ppo.__name__ == "ppo_atari":
+        monkeypatch.setattr(ppo, "check_env", lambda env_id: None)
+        monkeypatch.setattr(ppo, "make_env", lambda env_id, idx, video_dir=None, sticky=None, frames=4:
+                            lambda: CueEnv(image=frames))
+    env_id = "TestCueContinuous-v0" if ppo.__name__ == "ppo_continuous" else "TestCue-v0"
+    return lstm_args(ppo, env_id=env_id, num_envs=2, num_steps=16, num_minibatches=2, seed=1, **kw)
+
+
+def spy_recur(ppo, monkeypatch) -> list:
+    """Every step the LSTM takes in a rollout or an evaluation (under inference mode): (state in, goes_on, output,
+    state out), each row an env."""
+    steps, recur = [], ppo.recur
+
+    def spy(lstm, x, state, goes_on):
+        out, new = recur(lstm, x, state, goes_on)
+        if torch.is_inference_mode_enabled():
+            steps.append((state.clone(), torch.as_tensor(goes_on).clone(), out.clone(), new.clone()))
+        return out, new
+
+    monkeypatch.setattr(ppo, "recur", spy)
+    return steps
+
+
+# ----------------------------------------------------------------------------------------------------
+# LSTM details 1 and 2: initialization, and the state an episode starts from
+# ----------------------------------------------------------------------------------------------------
+def test_lstm_weights_are_orthogonal_and_biases_zero(ppo):
+    torch.manual_seed(0)
+    envs = spaces(gym.spaces.Box(0, 255, (1, 84, 84), np.uint8), gym.spaces.Discrete(4)) \
+        if ppo.__name__ == "ppo_atari" else spaces(box(5), gym.spaces.Discrete(3) if ppo.__name__ == "ppo_discrete"
+                                                   else box(2))
+    agent = ppo.Agent(envs, HIDDEN)
+    assert agent.state_size == 2 * HIDDEN and ppo.Agent(envs).state_size == 0 and ppo.Agent(envs).lstm is None
+    for name, param in agent.lstm.named_parameters():
+        if name.startswith("bias"):
+            assert torch.equal(param, torch.zeros_like(param)), name
+        else:  # (4 * hidden, inputs): orthonormal columns when it is tall, rows when it is wide
+            w = param.detach().double()
+            gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+            torch.testing.assert_close(gram, torch.eye(len(gram), dtype=torch.double), atol=1e-5, rtol=0)
+
+
+def test_the_state_starts_at_zero_in_training_evaluation_and_a_resume_with_new_episodes(ppo, monkeypatch):
+    # A checkpoint without its envs (one cannot be pickled) resumes with new episodes: from a zero state, not the
+    # saved one, which belongs to the episodes that are gone.
+    steps = spy_recur(ppo, monkeypatch)
+    kw = dict(env_id="Acrobot-v1") if ppo.__name__ == "ppo_discrete" else {}  # CartPole's own vector env pickles whole
+    batch = tiny_args(ppo).batch_size
+    ppo.train(lstm_args(ppo, checkpoint_every=1, total_timesteps=3 * batch, save_model=True, **kw),
+              stop_at_step=2 * batch)
+    assert not steps[0][0].any()  # the first step of training
+    saved = load("runs/tiny/checkpoint.pt")["ranks"][0]["carried"][2]
+    assert saved.abs().sum() > 0.1  # what the crash-free resume would have gone on from
+    monkeypatch.setattr(ppo, "env_state", lambda env: (_ for _ in ()).throw(TypeError("cannot pickle a handle")))
+    ppo.train(lstm_args(ppo, run_name="cut", checkpoint_every=1, total_timesteps=3 * batch, **kw),
+              stop_at_step=2 * batch)
+    steps.clear()
+    ppo.train(lstm_args(ppo, total_timesteps=3 * batch, resume="runs/cut/checkpoint.pt", **kw))
+    assert not steps[0][0].any()
+    steps.clear()
+    ppo.evaluate("runs/tiny/agent.pt", episodes=1)
+    assert not steps[0][0].any()
+
+
+# ----------------------------------------------------------------------------------------------------
+# LSTM detail 3: no memory crosses an episode's end, in the rollout, the update's replay and evaluation
+# ----------------------------------------------------------------------------------------------------
+def test_no_state_crosses_an_episode_boundary(ppo, monkeypatch):
+    # Env 0 (seed 1) and env 1 (seed 2) differ only in their first episode's cue; its step 3 observation is that
+    # episode's last, and from step 4 on both see the same. So every output must differ before step 4 and be the same
+    # after it, in the rollout (step by step) and in the values GAE gets (the sequence replayed in one pass).
+    steps, values, gae = spy_recur(ppo, monkeypatch), [], ppo.compute_gae
+    monkeypatch.setattr(ppo, "compute_gae", lambda rewards, v, *a: values.append(v.clone()) or gae(rewards, v, *a))
+    args = cue_run(ppo, monkeypatch, total_timesteps=64, save_model=True)
+    ppo.train(args)
+    rollout = torch.stack([out for _, _, out, _ in steps])  # (steps, envs, hidden)
+    values = torch.cat([v[:-1] for v in values])  # (steps, envs)
+    for seen in (rollout, values):
+        assert (seen[:4, 0] - seen[:4, 1]).abs().amax() > 1e-3  # the cue shows: the test can tell a leak
+        # Rows of one batch, made by the same kernels from the same inputs: equal up to float32 rounding.
+        torch.testing.assert_close(seen[4:, 0], seen[4:, 1], atol=1e-6, rtol=0)
+    # Evaluation: one env, seed 1 then seed 2; the state goes on within an episode and restarts after its last step.
+    outputs = []
+    for seed in (1, 2):
+        steps.clear()
+        ppo.evaluate("runs/tiny/agent.pt", episodes=3, seed=seed)
+        for (_, goes_on, _, new), (state, *_) in zip(steps, steps[1:]):
+            assert torch.equal(state, new) and (goes_on.all() or not new.any())  # carried on, or zero after an end
+        outputs.append(torch.stack([out[0] for _, _, out, _ in steps]))
+    assert (outputs[0][:4] - outputs[1][:4]).abs().amax() > 1e-3
+    torch.testing.assert_close(outputs[0][4:], outputs[1][4:], atol=1e-6, rtol=0)
+
+
+def test_recur_over_a_sequence_is_the_same_as_step_by_step():
+    # The update replays a whole sequence in one call per stretch between episode ends; the rollout goes step by step.
+    ppo = importlib.import_module("ppo_discrete")
+    torch.manual_seed(0)
+    lstm = ppo.lstm_init(torch.nn.LSTM(3, HIDDEN))
+    x, goes_on = torch.randn(12, 4, 3), torch.rand(12, 4) > 0.2
+    goes_on[5] = False  # every env ends an episode at once
+    state = torch.randn(4, 2 * HIDDEN)
+    out, last = ppo.recur(lstm, x, state, goes_on)
+    outs, s = [], state
+    for t in range(12):
+        o, s = ppo.recur(lstm, x[t], s, goes_on[t].numpy())
+        outs.append(o)
+    torch.testing.assert_close(out, torch.stack(outs), atol=1e-6, rtol=0)
+    torch.testing.assert_close(last, s, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LSTM details 4 and 5: minibatches of whole sequences, replayed from the rollout's states
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("envs, minibatches, steps", [(4, 2, 8), (2, 4, 8), (1, 4, 16), (3, 4, 8), (4, 4, 6)])
+def test_a_minibatch_holds_whole_env_sequences_in_time_order(ppo, envs, minibatches, steps):
+    args = ppo.Args(lstm=True, num_envs=envs, num_minibatches=minibatches, num_steps=steps)
+    torch.manual_seed(0)
+    epochs = [ppo.minibatches(None, args, torch.device("cpu")) for _ in range(3)]
+    chunks = minibatches // np.gcd(envs, minibatches)
+    length = steps // chunks
+    for mbs in epochs:
+        assert len(mbs) == minibatches
+        starts = []
+        for mb in mbs:
+            assert mb.shape == (length, envs * chunks // minibatches)
+            assert torch.equal(mb, mb[0] + envs * torch.arange(length)[:, None])  # one env's consecutive steps
+            starts += mb[0].tolist()
+        # Every env's rollout, cut into stretches of `length` steps, each in exactly one minibatch.
+        assert sorted(starts) == sorted(t * envs + n for t in range(0, steps, length) for n in range(envs))
+    if len(epochs[0]) > 1 and len(epochs[0][0][0]) * len(epochs[0]) > 2:
+        assert len({tuple(torch.cat([mb[0] for mb in mbs]).tolist()) for mbs in epochs}) > 1  # shuffled each epoch
+
+
+def test_the_feedforward_minibatches_are_shuffled_transitions(ppo):
+    b_inds = torch.tensor([0, 2, 3, 5, 6, 7, 9])
+    torch.manual_seed(0)
+    mbs = ppo.minibatches(b_inds, ppo.Args(num_minibatches=3), torch.device("cpu"))
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(mbs, torch.tensor_split(b_inds[torch.randperm(7)], 3)))
+
+
+def test_the_replay_before_the_first_step_gives_the_rollout_s_log_probs_and_values(ppo, monkeypatch):
+    # The first minibatch of each update is learned from before any optimizer step: its replayed sequences, started
+    # from the rollout's states at their first steps (mid-rollout where an env's rollout is cut into chunks), with
+    # their resets, must give exactly what the rollout's policy gave. Three updates: the later ones start from a
+    # state carried over from the rollout before.
+    firsts, calls, loss = [], [0], ppo.ppo_loss
+    num_minibatches, epochs = 4, 2
+
+    def spy(newlogp, oldlogp, advantages, newvalue, oldvalue, *a, **kw):
+        if calls[0] % (num_minibatches * epochs) == 0:
+            firsts.append(((newlogp - oldlogp).abs().amax(), (newvalue - oldvalue).abs().amax()))
+        calls[0] += 1
+        return loss(newlogp, oldlogp, advantages, newvalue, oldvalue, *a, **kw)
+
+    monkeypatch.setattr(ppo, "ppo_loss", spy)
+    kw = {} if ppo.__name__ == "ppo_continuous" else dict(num_envs=2)  # 2 envs or 1: each rollout cut in 2 or 4
+    args = lstm_args(ppo, num_minibatches=num_minibatches, update_epochs=epochs, **kw)
+    ppo.train(dataclasses.replace(args, total_timesteps=3 * args.batch_size))
+    assert len(firsts) == 3
+    for logratio, value in firsts:
+        # Log-probs and values of order 1, recomputed in float32 by other kernels: equal within a few roundings.
+        assert logratio < 1e-5 and value < 1e-5, (logratio, value)
+
+
+def test_minibatches_that_fit_no_whole_sequences_are_refused_in_one_line(capsys):
+    ppo = importlib.import_module("ppo_discrete")
+    # 3 envs and 4 minibatches: each env's 10 steps would be cut in 4 stretches, which 10 steps do not divide.
+    argv = ["--lstm", "--num-envs", "3", "--num-steps", "10", "--num-minibatches", "4"]
+    assert_bad_input(ppo.main, argv, "--num-minibatches 4 does not fit the batch (num_envs * num_steps = 3 * 10 = 30, "
+                     "--lstm): each minibatch takes whole env sequences", capsys)
+    assert_bad_input(ppo.main, argv, "; e.g. 3", capsys)  # 3 minibatches of one env's whole rollout each
+    cont = importlib.import_module("ppo_continuous")
+    cont.check_args(cont.Args(lstm=True))  # its defaults: 1 env, 32 minibatches of 64 consecutive steps each
+
+
+# ----------------------------------------------------------------------------------------------------
+# What keeps working with --lstm
+# ----------------------------------------------------------------------------------------------------
+def test_a_resumed_lstm_run_ends_exactly_as_an_uninterrupted_one(ppo):
+    batch = tiny_args(ppo).batch_size
+    straight = ppo.train(lstm_args(ppo, run_name="straight", total_timesteps=4 * batch))
+    ppo.train(lstm_args(ppo, checkpoint_every=1, total_timesteps=4 * batch), stop_at_step=2 * batch)
+    assert load("runs/tiny/checkpoint.pt")["ranks"][0]["carried"][2].abs().sum() > 0.1  # a state to carry over
+    resumed = ppo.train(lstm_args(ppo, total_timesteps=4 * batch, resume="runs/tiny/checkpoint.pt"))
+    assert straight["episodes"]["returns"] == resumed["episodes"]["returns"]
+    assert same_params(straight["agent"].state_dict(), resumed["agent"].state_dict())
+
+
+@pytest.mark.parametrize("env_id", ["TestMaskedMulti-v0", "TestGameOver-v0", "TestMaskedDict-v0"])
+def test_masks_and_multi_discrete_actions_with_lstm(env_id):
+    # StrictMaskEnv raises on an action its mask forbids: a run that ends without an error sampled only valid ones.
+    ppo = importlib.import_module("ppo_discrete")
+    result = ppo.train(lstm_args(ppo, env_id=env_id, total_timesteps=512, num_minibatches=2, save_model=True))
+    assert result["global_step"] == 512 and result["agent"].mask_size > 0
+    assert len(ppo.evaluate("runs/tiny/agent.pt", episodes=2)[0]) == 2
+
+
+def test_lstm_with_async_envs_is_the_same_run():
+    ppo = importlib.import_module("ppo_discrete")
+    kw = dict(env_id="Acrobot-v1", total_timesteps=256)
+    inline = ppo.train(lstm_args(ppo, run_name="inline", **kw))
+    separate = ppo.train(lstm_args(ppo, run_name="async", async_envs=True, **kw))
+    assert same_params(inline["agent"].state_dict(), separate["agent"].state_dict())
+
+
+def test_lstm_with_compile_trains():
+    ppo = importlib.import_module("ppo_discrete")
+    result = ppo.train(lstm_args(ppo, compile=True, total_timesteps=256))
+    assert result["global_step"] == 256 and all(p.isfinite().all() for p in result["agent"].parameters())
