@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import ale_py
+from ale_py.vector_env import AtariVectorEnv
 import cloudpickle  # comes with gymnasium; pickles the vector env (with its env factories) for exact resume
 import gymnasium as gym
 import numpy as np
@@ -103,6 +104,9 @@ class Args:
     """probability that the emulator repeats the previous action (default: the id's own, 0 for v4, 0.25 for v5)"""
     frame_stack: int = 4
     """frames the agent sees at once (detail 7); with --lstm, 1 is the usual choice: the LSTM remembers the rest"""
+    env_backend: str = "gymnasium"
+    """gymnasium (the reference preprocessing, gymnasium's wrappers) or ale-vector (ale-py's threaded C++ vector env:
+    faster, a slightly different preprocessing, and a resumed run starts new episodes; docs/usage.md)"""
     total_timesteps: int = 10_000_000
     """environment steps to train for, summed over all envs (and all ranks under torchrun)"""
     learning_rate: float = 2.5e-4
@@ -162,7 +166,8 @@ class Args:
 
 FAMILY = "atari"  # the env family of this script's saved agents: another script refuses them
 OPTION_RULES = {"sticky_actions": (lambda v: 0 <= v < 1, "in [0, 1) (0.25 is ALE v5's default)"),  # and RULES
-                "frame_stack": (lambda v: v > 0, "positive")}
+                "frame_stack": (lambda v: v > 0, "positive"),
+                "env_backend": (lambda v: v in ("gymnasium", "ale-vector"), "gymnasium or ale-vector")}
 
 
 # --- Environments -------------------------------------------------------------------------------------------
@@ -203,9 +208,13 @@ def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym
     marks those steps as not-a-transition (`valid`) and never trains on them; the observation returned
     when an episode ends is then the true final observation, which is what truncation needs.
     """
-    # One after another in this process, or each emulator in a process of its own (--async-envs).
-    recipes = [make_env(args.env_id, i, video_dir, args.sticky_actions, args.frame_stack) for i in range(num_envs)]
-    envs = vector_env(recipes, args.async_envs)
+    if args.env_backend == "ale-vector":  # every emulator stepped by C++ threads
+        if video_dir is not None:
+            raise UsageError("--capture-video records through gymnasium's wrappers; leave --env-backend at gymnasium")
+        envs = AleVectorEnv(args.env_id, num_envs, args.sticky_actions, args.frame_stack)
+    else:  # one after another in this process, or each emulator in a process of its own (--async-envs)
+        recipes = [make_env(args.env_id, i, video_dir, args.sticky_actions, args.frame_stack) for i in range(num_envs)]
+        envs = vector_env(recipes, args.async_envs)
     # Statistics before clipping: the reported return is the game score over all lives, unclipped.
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
     # Learning sees only the reward's sign, so one set of hyperparameters fits every game (detail 5).
@@ -583,6 +592,36 @@ class FireOnReset(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
+class AleVectorEnv(AtariVectorEnv):
+    """--env-backend ale-vector: ale-py's vector env, its emulators stepped by C++ threads (one per core), with
+    make_env's preprocessing as far as it goes (the differences: docs/usage.md). Rewards stay unclipped here, for the
+    episode statistics; each game plays on through lost lives, as in make_env. Its emulators cannot be saved: a
+    resumed run starts new episodes, and says so."""
+
+    def __init__(self, env_id: str, num_envs: int, sticky_actions: Optional[float] = None, frame_stack: int = 4):
+        game = gym.spec(env_id).kwargs  # the id's game, sticky actions and episode limit
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        super().__init__(game["game"], num_envs, num_threads=min(num_envs, cores), stack_num=frame_stack,
+                         repeat_action_probability=game.get("repeat_action_probability", 0.0)
+                         if sticky_actions is None else sticky_actions,
+                         max_num_frames_per_episode=game.get("max_num_frames_per_episode", 108_000), frameskip=4,
+                         noop_max=30, img_height=84, img_width=84, grayscale=True, maxpool=True, episodic_life=False,
+                         reward_clipping=False, use_fire_reset=True)
+
+    def reset(self, **kwargs):
+        obs, info = super().reset(**kwargs)
+        self.lives = info["lives"]
+        return obs, info
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, info = super().step(actions)
+        self.lives = info["lives"]
+        return obs, reward, terminated, truncated, info
+
+    def call(self, name: str) -> tuple:
+        return tuple(getattr(self, name))  # call("lives"), as gymnasium's vector envs answer it
+
+
 # --- What Part B needs of this script's envs: checks, checkpoints, the statistics saved with the agent ------
 def check_env(env_id: str) -> None:
     """Refuse, in one line, an id that is not an Atari game, and name the scripts that train it."""
@@ -812,24 +851,26 @@ class EnvCheck(gym.Wrapper):
         return env_state(self.env)
 
 
-def rank_state(envs: gym.vector.VectorEnv, with_envs: bool = True) -> bytes:
-    """A rank's random streams and vector env, pickled: its wrappers (with their statistics) and its envs, each by
-    env_state; without with_envs, or where an env cannot be pickled (an open file), new episodes on resume."""
-    bottom, inner = envs.unwrapped, envs
+def rank_state(envs: gym.vector.VectorEnv, with_envs: bool = True) -> dict:
+    """A rank's random streams and vector env, pickled ("state"): its wrappers (with their statistics) and its envs,
+    each by env_state; without with_envs, or where the envs cannot be pickled (an open file, a C++ vector env), new
+    episodes on resume, and "new_episodes" says why."""
+    bottom, inner, why = envs.unwrapped, envs, None if with_envs else "written after a crash"
     while isinstance(inner, gym.vector.VectorWrapper) and inner.env is not bottom:
         inner = inner.env
     try:  # a vector env of its own (CartPole's) pickles whole; each env of the others is saved by env_state
         own = isinstance(bottom, (gym.vector.SyncVectorEnv, gym.vector.AsyncVectorEnv))
         saved = cloudpickle.dumps(list(bottom.call("checkpoint_state")) if own else bottom) if with_envs else None
-    except Exception:
-        saved = None
+    except Exception as e:
+        saved, why = None, f"its envs cannot be saved: {first_line(e)}"
     rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
            torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None)
     wrapped = inner is not bottom
     if wrapped:
         inner.env = None  # the wrappers are pickled without the envs under them
     try:
-        return cloudpickle.dumps({"wrappers": envs if wrapped else None, "envs": saved, "rng": rng})
+        return {"state": cloudpickle.dumps({"wrappers": envs if wrapped else None, "envs": saved, "rng": rng}),
+                "new_episodes": why}
     finally:
         if wrapped:
             inner.env = bottom
@@ -999,6 +1040,9 @@ class Run:
             envs, restored = restore_rank(envs, mine["state"], ~valid[-1], args.async_envs)
             self.global_step, self.first_iteration = ckpt["global_step"], ckpt["iteration"] + 1
             self.episodes, self.elapsed_before = [tuple(e) for e in ckpt["episodes"]], ckpt["elapsed"]
+        if ckpt is not None and not restored:
+            self.say(f"note: {args.resume} holds no envs ({mine.get('new_episodes') or 'they could not be saved'}); "
+                     "they start new episodes")
         if not restored:  # new episodes; where a checkpoint could not hold its envs, seeded apart from the first start
             # No two envs of the job share a seed: rank r's env i is seeded like env r * num_envs + i of one big run.
             obs[-1] = torch.as_tensor(envs.reset(seed=args.seed + self.rank * args.num_envs + self.global_step)[0])
@@ -1152,8 +1196,8 @@ class Run:
         """Write runs/<run>/checkpoint.pt, all a resumed run needs to go on as an uninterrupted one would, as tensors,
         numbers and bytes (the envs, pickled). After a crash: the last completed update, without envs (new episodes)."""
         iteration, step = (self.iteration - 1, self.done_step) if after_crash else (self.iteration, self.global_step)
-        ranks = [{"state": rank_state(self.envs, not after_crash), "carried": [torch.as_tensor(b[-1]).cpu().clone()
-                                                                               for b in self.buffers]}]
+        ranks = [{**rank_state(self.envs, not after_crash), "carried": [torch.as_tensor(b[-1]).cpu().clone()
+                                                                        for b in self.buffers]}]
         if self.world_size > 1:  # parameters and Adam are the same on every rank; envs and random streams are not
             ranks, mine = ([None] * self.world_size if self.main else None), ranks[0]
             dist.gather_object(mine, ranks, dst=0)
@@ -1167,6 +1211,10 @@ class Run:
                 "optimizer": self.optimizer.state_dict(), "env_stats": env_stats(self.envs), "ranks": ranks,
                 "episodes": [e for e in self.episodes if e[0] <= step], "elapsed": self.elapsed(),
                 "wandb_id": self.wandb.id if self.wandb else None})
+            if ranks[0]["new_episodes"] and not after_crash and "envs" not in self.warned:
+                self.warned.add("envs")
+                self.say(f"note: checkpoints hold no envs ({ranks[0]['new_episodes']}); a resumed run starts new "
+                         "episodes")
 
     def result(self, agent: nn.Module) -> dict:
         """Save the trained agent (with --save-model), and what train() returns."""

@@ -250,6 +250,7 @@ class Agent(nn.Module):
     """Separate actor and critic MLPs (64-64 tanh): the policy loss cannot disturb the critic. A Discrete action is one
     categorical distribution; MultiDiscrete and MultiBinary actions one per dimension, independent, so log-probs and
     entropies add up. Actions an env's mask forbids (ActionMasks appends it to the observation) get probability 0.
+    With --lstm, one LSTM below both MLPs, which the policy loss alone trains.
 
     What train() and evaluate() call, the same in all three scripts (keep it when you swap the network):
         act(obs, state, goes_on, deterministic=False) -> (action, state)   a sample of the policy, or its most
@@ -271,7 +272,7 @@ class Agent(nn.Module):
         self.multi = not isinstance(envs.single_action_space, gym.spaces.Discrete)
         self.mask_size = getattr(envs, "mask_size", 0)  # the action mask's entries at the end of the observation
         obs_dim = envs.single_observation_space.shape[0] - self.mask_size
-        # --lstm: one LSTM reads the observations and both MLPs read its output (README: one memory to carry).
+        # --lstm: one LSTM reads the observations, both MLPs its output; it learns from the policy loss alone.
         self.lstm, self.state_size = lstm_init(nn.LSTM(obs_dim, lstm_size)) if lstm_size else None, 2 * lstm_size
         features = lstm_size or obs_dim
         self.critic = nn.Sequential(
@@ -327,7 +328,9 @@ class Agent(nn.Module):
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         if self.multi:  # independent dimensions: log-probs and entropies add up
             logp, entropy = logp.sum(-1), entropy.sum(-1)
-        return action, logp, entropy, self.critic(x).squeeze(-1), state
+        # The critic reads the LSTM's output detached: value-loss gradients through the shared memory stopped learning
+        # altogether (docs/recurrent.md). Without --lstm, x is the observation, and detach() changes nothing.
+        return action, logp, entropy, self.critic(x.detach()).squeeze(-1), state
 
 
 # --- Generalized Advantage Estimation -----------------------------------------------------------------------
@@ -863,24 +866,26 @@ class EnvCheck(gym.Wrapper):
         return env_state(self.env)
 
 
-def rank_state(envs: gym.vector.VectorEnv, with_envs: bool = True) -> bytes:
-    """A rank's random streams and vector env, pickled: its wrappers (with their statistics) and its envs, each by
-    env_state; without with_envs, or where an env cannot be pickled (an open file), new episodes on resume."""
-    bottom, inner = envs.unwrapped, envs
+def rank_state(envs: gym.vector.VectorEnv, with_envs: bool = True) -> dict:
+    """A rank's random streams and vector env, pickled ("state"): its wrappers (with their statistics) and its envs,
+    each by env_state; without with_envs, or where the envs cannot be pickled (an open file, a C++ vector env), new
+    episodes on resume, and "new_episodes" says why."""
+    bottom, inner, why = envs.unwrapped, envs, None if with_envs else "written after a crash"
     while isinstance(inner, gym.vector.VectorWrapper) and inner.env is not bottom:
         inner = inner.env
     try:  # a vector env of its own (CartPole's) pickles whole; each env of the others is saved by env_state
         own = isinstance(bottom, (gym.vector.SyncVectorEnv, gym.vector.AsyncVectorEnv))
         saved = cloudpickle.dumps(list(bottom.call("checkpoint_state")) if own else bottom) if with_envs else None
-    except Exception:
-        saved = None
+    except Exception as e:
+        saved, why = None, f"its envs cannot be saved: {first_line(e)}"
     rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
            torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None)
     wrapped = inner is not bottom
     if wrapped:
         inner.env = None  # the wrappers are pickled without the envs under them
     try:
-        return cloudpickle.dumps({"wrappers": envs if wrapped else None, "envs": saved, "rng": rng})
+        return {"state": cloudpickle.dumps({"wrappers": envs if wrapped else None, "envs": saved, "rng": rng}),
+                "new_episodes": why}
     finally:
         if wrapped:
             inner.env = bottom
@@ -1050,6 +1055,9 @@ class Run:
             envs, restored = restore_rank(envs, mine["state"], ~valid[-1], args.async_envs)
             self.global_step, self.first_iteration = ckpt["global_step"], ckpt["iteration"] + 1
             self.episodes, self.elapsed_before = [tuple(e) for e in ckpt["episodes"]], ckpt["elapsed"]
+        if ckpt is not None and not restored:
+            self.say(f"note: {args.resume} holds no envs ({mine.get('new_episodes') or 'they could not be saved'}); "
+                     "they start new episodes")
         if not restored:  # new episodes; where a checkpoint could not hold its envs, seeded apart from the first start
             # No two envs of the job share a seed: rank r's env i is seeded like env r * num_envs + i of one big run.
             obs[-1] = torch.as_tensor(envs.reset(seed=args.seed + self.rank * args.num_envs + self.global_step)[0])
@@ -1203,8 +1211,8 @@ class Run:
         """Write runs/<run>/checkpoint.pt, all a resumed run needs to go on as an uninterrupted one would, as tensors,
         numbers and bytes (the envs, pickled). After a crash: the last completed update, without envs (new episodes)."""
         iteration, step = (self.iteration - 1, self.done_step) if after_crash else (self.iteration, self.global_step)
-        ranks = [{"state": rank_state(self.envs, not after_crash), "carried": [torch.as_tensor(b[-1]).cpu().clone()
-                                                                               for b in self.buffers]}]
+        ranks = [{**rank_state(self.envs, not after_crash), "carried": [torch.as_tensor(b[-1]).cpu().clone()
+                                                                        for b in self.buffers]}]
         if self.world_size > 1:  # parameters and Adam are the same on every rank; envs and random streams are not
             ranks, mine = ([None] * self.world_size if self.main else None), ranks[0]
             dist.gather_object(mine, ranks, dst=0)
@@ -1218,6 +1226,10 @@ class Run:
                 "optimizer": self.optimizer.state_dict(), "env_stats": env_stats(self.envs), "ranks": ranks,
                 "episodes": [e for e in self.episodes if e[0] <= step], "elapsed": self.elapsed(),
                 "wandb_id": self.wandb.id if self.wandb else None})
+            if ranks[0]["new_episodes"] and not after_crash and "envs" not in self.warned:
+                self.warned.add("envs")
+                self.say(f"note: checkpoints hold no envs ({ranks[0]['new_episodes']}); a resumed run starts new "
+                         "episodes")
 
     def result(self, agent: nn.Module) -> dict:
         """Save the trained agent (with --save-model), and what train() returns."""

@@ -1,5 +1,6 @@
 """Steps per second of one script in each way of running it: the envs in this process or each in a process
-of its own (--async-envs), eager or compiled (--compile), fp32 or bfloat16 (--bf16, ppo_atari.py).
+of its own (--async-envs) or, ppo_atari.py, ale-py's threaded vector env (--env-backend ale-vector), eager or
+compiled (--compile), fp32 or bfloat16 (--bf16, ppo_atari.py).
 
     python benchmark/speed_modes.py                                   # ppo_atari.py on Breakout, 20,480 steps a mode
     python benchmark/speed_modes.py --cuda --total-timesteps 102400   # the same on a GPU machine
@@ -88,22 +89,23 @@ def main(bench: Bench) -> int:
         print(f"error: --algo {bench.algo} is not one of {', '.join(SCRIPTS)}", file=sys.stderr)
         return 2
     device = ["--cuda"] if bench.cuda else (["--no-cuda"] if bench.algo == "atari" else [])
-    modes = list(product([False, True], [False, True], [False, True] if bench.algo == "atari" and bench.bf16 else
-                         [False]))
+    envs_modes = ["one process", "a process each"] + (["ale-vector threads"] if bench.algo == "atari" else [])
+    modes = list(product(envs_modes, [False, True], [False, True] if bench.algo == "atari" and bench.bf16 else [False]))
     print(f"{SCRIPTS[bench.algo]}.py, {bench.total_timesteps:,} steps per run, on {machine(bench.cuda)}\n")
     rows = []
-    for async_envs, compiled, bf16 in modes:
-        flags = device + ["--async-envs" if async_envs else "--no-async-envs"]
+    for envs, compiled, bf16 in modes:
+        flags = device + {"one process": ["--no-async-envs"], "a process each": ["--async-envs"],
+                          "ale-vector threads": ["--env-backend", "ale-vector"]}[envs]
         flags += ["--compile"] if compiled else []
         flags += ["--bf16"] if bf16 else []
         result = run(bench, flags)
-        rows.append((async_envs, compiled, bf16, result))
+        rows.append((envs, compiled, bf16, result))
         print(f"{' '.join(flags)}: {result['sps']:,.0f} steps/s", flush=True)
     print("\n| envs | network | precision | steps/s, whole run | steps/s after the first update |")
     print("|---|---|---|---|---|")
-    for async_envs, compiled, bf16, r in rows:
+    for envs, compiled, bf16, r in rows:
         steady = "-" if r["steady"] is None else f"{r['steady']:,.0f}"
-        print(f"| {'a process each' if async_envs else 'in one process'} | {'compiled' if compiled else 'eager'} | "
+        print(f"| {envs} | {'compiled' if compiled else 'eager'} | "
               f"{'bf16' if bf16 else 'fp32'} | {r['sps']:,.0f} | {steady} |")
     return 0
 

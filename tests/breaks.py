@@ -29,10 +29,10 @@ BREAKS = {
     "debug variables": {"edits": [('"approx_kl": sums[2] / n', '"approx_kl": sums[1] / n')]},
     "early stopping on target KL": {"edits": [("break  # early stop (detail 12)", "continue  # early stop (detail 12)")]},
     "shared and separate MLP networks": {"edits": [
-        ("return action, logp, entropy, self.critic(x).squeeze(-1), state",
+        ("return action, logp, entropy, self.critic(x.detach()).squeeze(-1), state",
          "return action, logp, entropy, self.critic[-1](self.actor[:-1](x)).squeeze(-1), state")]},
     # --- the 9 Atari details ---
-    "NoopResetEnv": {"edits": [("noop_max=30", "noop_max=0")]},
+    "NoopResetEnv": {"edits": [("AtariPreprocessing(env, noop_max=30", "AtariPreprocessing(env, noop_max=0")]},
     "MaxAndSkipEnv": {"edits": [("frame_skip=4", "frame_skip=3")]},
     "EpisodicLifeEnv": {"edits": [("dones[step] = done | life_lost", "dones[step] = done")]},
     "FireResetEnv": {"edits": [('get_action_meanings()[1:2] == ["FIRE"]', 'get_action_meanings()[0:1] == ["FIRE"]')]},
@@ -50,7 +50,7 @@ BREAKS = {
     "independent action components": {"edits": [
         ("- logstd - 0.5 * math.log(2 * math.pi)).sum(-1)", "- logstd - 0.5 * math.log(2 * math.pi)).mean(-1)")]},
     "separate policy and value networks": {"edits": [
-        ("return action, logp, entropy, self.critic(x).squeeze(-1), state",
+        ("return action, logp, entropy, self.critic(x.detach()).squeeze(-1), state",
          "return action, logp, entropy, self.critic[-1](self.actor_mean[:-1](x)).squeeze(-1), state")]},
     "action clipping and storage": {"edits": [("np.clip(action, low, high)", "action")]},
     "observation normalization": {"edits": [
@@ -68,6 +68,8 @@ BREAKS = {
     "minibatches of whole sequences in time order": {"edits": [
         ("steps = torch.arange(L, device=device)[:, None] * N", "steps = torch.randperm(L, device=device)[:, None] * N")]},
     "the states rebuilt in the update": {"edits": [("b_states[mb[0]], b_valid[mb])", "0 * b_states[mb[0]], b_valid[mb])")]},
+    "the LSTM learns from the policy loss alone": {"edits": [
+        ("self.critic(x.detach()).squeeze(-1), state", "self.critic(x).squeeze(-1), state")]},
     # --- discrete envs of your own ---
     "invalid action masking": {"edits": [
         ("self.mask_size:] > 0.5, self.actor(x), -1e8)", "self.mask_size:] > 0.5, self.actor(x), -1e-8)")]},

@@ -1,5 +1,7 @@
 """ppo_atari.py's envs, on real ROMs: the preprocessing, FIRE, lost lives, the real score, the emulator in checkpoints."""
 
+import os
+
 import cv2
 import gymnasium as gym
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 import torch
 
 import ppo_atari as ppo
-from helpers import same_params
+from helpers import assert_bad_input, same_params
 
 
 def tiny(**kw) -> ppo.Args:
@@ -57,8 +59,9 @@ def test_sticky_actions_setting():
     assert sticky("ALE/Breakout-v5", 0.0) == 0.0
 
 
-def test_reported_return_is_the_unclipped_score_over_all_lives():
-    envs = ppo.make_envs(ppo.Args(env_id="SpaceInvadersNoFrameskip-v4"), 1)
+@pytest.mark.parametrize("backend", ["gymnasium", "ale-vector"])
+def test_reported_return_is_the_unclipped_score_over_all_lives(backend):
+    envs = ppo.make_envs(ppo.Args(env_id="SpaceInvadersNoFrameskip-v4", env_backend=backend), 1)
     envs.reset(seed=0)
     rng = np.random.default_rng(0)
     clipped_sum, lives_seen, learned = 0.0, set(), set()
@@ -76,7 +79,8 @@ def test_reported_return_is_the_unclipped_score_over_all_lives():
     assert {3, 2, 1} <= lives_seen  # one episode spans every life
 
 
-def test_a_lost_life_ends_the_episode_for_learning_only(monkeypatch):
+@pytest.mark.parametrize("backend", ["gymnasium", "ale-vector"])
+def test_a_lost_life_ends_the_episode_for_learning_only(backend, monkeypatch):
     seen = []
     original = ppo.compute_gae
 
@@ -85,7 +89,7 @@ def test_a_lost_life_ends_the_episode_for_learning_only(monkeypatch):
         return original(rewards, values, terminations, dones, gamma, gae_lambda)
 
     monkeypatch.setattr(ppo, "compute_gae", spy)
-    result = ppo.train(tiny(total_timesteps=1024, num_envs=1, num_steps=512))
+    result = ppo.train(tiny(total_timesteps=1024, num_envs=1, num_steps=512, env_backend=backend))
     terminations, dones = torch.cat([t for t, _ in seen]), torch.cat([d for _, d in seen])
     # A random Breakout agent loses lives within 1000 steps; a whole game (5 lives) takes longer.
     assert terminations.sum() >= 1
@@ -180,4 +184,42 @@ def test_fire_is_pressed_after_a_lost_life():
     assert recorder.actions == [0, 1]  # the NOOP that lost the life, then FIRE to serve the next ball
 
 
+# ----------------------------------------------------------------------------------------------------
+# --env-backend ale-vector: ale-py's threaded vector env
+# ----------------------------------------------------------------------------------------------------
+def test_the_ale_vector_backend_sees_what_the_reference_preprocessing_sees():
+    made = {backend: ppo.make_envs(ppo.Args(env_backend=backend, async_envs=False), 2)
+            for backend in ("gymnasium", "ale-vector")}
+    assert isinstance(made["ale-vector"].unwrapped, ppo.AleVectorEnv)
+    frames = {}
+    for backend, envs in made.items():
+        assert envs.single_observation_space == gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
+        assert type(envs) is type(made["gymnasium"])  # the same reward clipping over the same episode statistics
+        obs, info = envs.reset(seed=1)
+        frames[backend] = [obs]
+        for _ in range(40):  # FIRE at reset, then no-ops: the ball is lost, and a life with it
+            obs, reward, _, _, info = envs.step(np.zeros(2, int))
+            frames[backend].append(obs)
+        assert list(envs.unwrapped.call("lives")) == list(info["lives"]) == [4, 4]
+        envs.close()
+    newest = {backend: np.stack(f)[:, :, -1].astype(int) for backend, f in frames.items()}
+    # The same 84x84 gray frames but for a few pixels (ALE's own grayscale and resize): 0.1% of them here.
+    assert (newest["gymnasium"] != newest["ale-vector"]).mean() < 0.01
+    # At reset the stack is padded with zeros, where gymnasium's repeats the first frame.
+    assert frames["ale-vector"][0][:, 0].max() == 0 and frames["gymnasium"][0][:, 0].max() > 0
 
+
+def test_a_run_with_ale_vector_resumes_with_new_episodes_and_says_so(in_tmp_dir, capsys):
+    ppo.train(tiny(env_backend="ale-vector", checkpoint_every=1), stop_at_step=128)
+    assert "checkpoints hold no envs (its envs cannot be saved: " in capsys.readouterr().err
+    resumed = ppo.train(tiny(env_backend="ale-vector", resume="runs/tiny/checkpoint.pt"))
+    assert resumed["global_step"] == 256
+    assert "runs/tiny/checkpoint.pt holds no envs (its envs cannot be saved: " in capsys.readouterr().err
+
+
+def test_ale_vector_refuses_video_in_one_line(in_tmp_dir, capsys):
+    argv = ["--env-backend", "ale-vector", "--capture-video", "--total-timesteps", "256", "--num-envs", "2",
+            "--num-steps", "32", "--no-cuda"]
+    assert_bad_input(ppo.main, argv, "--capture-video records through gymnasium's wrappers; leave --env-backend at "
+                     "gymnasium", capsys)
+    assert not os.listdir("runs")  # nothing started, nothing left behind

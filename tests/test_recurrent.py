@@ -86,6 +86,24 @@ def test_the_state_starts_at_zero_in_training_evaluation_and_a_resume_with_new_e
     assert not steps[0][0].any()
 
 
+def test_the_lstm_learns_from_the_policy_loss_alone_but_in_atari(ppo):
+    # ppo_discrete.py and ppo_continuous.py: the critic reads the LSTM's output detached. ppo_atari.py, as the
+    # reference's ppo_atari_lstm.py: the value loss trains the LSTM (and the CNN) too.
+    torch.manual_seed(0)
+    atari = ppo.__name__ == "ppo_atari"
+    envs = spaces(gym.spaces.Box(0, 255, (1, 84, 84), np.uint8), gym.spaces.Discrete(4)) if atari else \
+        spaces(box(5), gym.spaces.Discrete(3) if ppo.__name__ == "ppo_discrete" else box(2))
+    agent = ppo.Agent(envs, HIDDEN)
+    obs = torch.randint(0, 256, (6, 3, 1, 84, 84), dtype=torch.uint8) if atari else torch.randn(6, 3, 5)
+    state, goes_on = torch.randn(3, 2 * HIDDEN), torch.ones(6, 3, dtype=torch.bool)
+    for part in ("policy", "value"):
+        agent.zero_grad()
+        _, logp, _, value, _ = agent.get_action_and_value(obs, None, state, goes_on)
+        (logp.sum() if part == "policy" else value.sum()).backward()
+        moved = [p.grad is not None and p.grad.abs().sum() > 0 for p in agent.lstm.parameters()]
+        assert all(moved) if part == "policy" or atari else not any(moved), part
+
+
 # ----------------------------------------------------------------------------------------------------
 # LSTM detail 3: no memory crosses an episode's end, in the rollout, the update's replay and evaluation
 # ----------------------------------------------------------------------------------------------------
