@@ -133,9 +133,8 @@ def test_no_state_crosses_an_episode_boundary(ppo, monkeypatch):
     torch.testing.assert_close(outputs[0][4:], outputs[1][4:], atol=1e-6, rtol=0)
 
 
-def test_recur_over_a_sequence_is_the_same_as_step_by_step():
+def test_recur_over_a_sequence_is_the_same_as_step_by_step(ppo):
     # The update replays a whole sequence in one call per stretch between episode ends; the rollout goes step by step.
-    ppo = importlib.import_module("ppo_discrete")
     torch.manual_seed(0)
     lstm = ppo.lstm_init(torch.nn.LSTM(3, HIDDEN))
     x, goes_on = torch.randn(12, 4, 3), torch.rand(12, 4) > 0.2

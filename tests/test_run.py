@@ -310,8 +310,9 @@ def test_atari_accepts_a_module_that_registers_an_ale_game(in_tmp_dir):
 # ----------------------------------------------------------------------------------------------------
 # Video, wandb, health warnings
 # ----------------------------------------------------------------------------------------------------
-def test_capture_video(ppo, capfd):
-    ppo.train(tiny_args(ppo, capture_video=True, total_timesteps=2 * tiny_args(ppo).batch_size))
+@pytest.mark.parametrize("lstm", [False, True])
+def test_capture_video(ppo, lstm, capfd):
+    ppo.train(tiny_args(ppo, capture_video=True, lstm=lstm, total_timesteps=2 * tiny_args(ppo).batch_size))
     videos = glob.glob("videos/tiny/*.mp4")
     assert videos or (ppo.__name__ == "ppo_continuous" and "training goes on without video" in capfd.readouterr().err)
 
