@@ -741,9 +741,9 @@ def check_args(args: Args) -> None:
         c = d // math.gcd(N, d)
         return T % c == 0 and N * c // d * (T // c // 2) >= 2
 
-    fits = [d for d in range(1, batch + 1) if fits(d)]
-    if m not in fits:
-        hint = f"e.g. {min(fits, key=lambda d: abs(d - m))}" if fits else "raise --num-steps"
+    if not fits(m):  # the nearest count that fits, searched outward from m (a batch may hold billions of steps)
+        near = next((d for k in range(batch + m) for d in (m - k, m + k) if 0 < d <= batch and fits(d)), None)
+        hint = f"e.g. {near}" if near else "raise --num-steps"
         what = ("whole env sequences (each env's rollout, or equal stretches of it when there are fewer envs than "
                 "minibatches)" if args.lstm else "an equal share of it")
         raise UsageError(f"--num-minibatches {m} does not fit the batch (num_envs * num_steps = {N} * {T} = {batch}"

@@ -4,6 +4,7 @@ files that run no code when they are read."""
 
 import glob
 import json
+import math
 import os
 import pickle
 import re
@@ -97,6 +98,33 @@ def test_the_minibatch_count_a_refusal_suggests_is_accepted(capsys):
                            "--num-minibatches", str(asked), "--no-progress"])
         suggested = int(re.search(r"e\.g\. (\d+)", capsys.readouterr().err).group(1))
         ppo_discrete.check_args(ppo_discrete.Args(**batch, num_minibatches=suggested))  # no error
+
+
+def test_a_rollout_too_large_for_memory_is_one_line(ppo, monkeypatch, capsys):
+    # Billions of steps: the option check must not walk every minibatch count (the alarm turns such a hang into a
+    # failure), and the allocator's refusal becomes one line naming the options to lower.
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("check_args walked the whole batch"))
+    signal.alarm(20)
+    try:
+        big = dict(num_envs=4, num_steps=10**9, total_timesteps=4 * 10**9)
+        ppo.check_args(ppo.Args(**big))
+        with pytest.raises(ppo.UsageError, match=r"e\.g\. 2$"):
+            ppo.check_args(ppo.Args(**big, num_minibatches=3))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    zeros = torch.zeros
+
+    def refuse(*shape, **kw):  # what the allocator says where the memory is not there (the CI machine may have it)
+        if math.prod(shape[0] if isinstance(shape[0], tuple) else shape) > 10**8:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 96000000096 bytes")
+        return zeros(*shape, **kw)
+
+    monkeypatch.setattr(ppo.torch, "zeros", refuse)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in big.items()] + ["--no-progress"]
+    assert ppo.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: out of memory") and "lower --num-envs or --num-steps" in err[-1], err
 
 
 @pytest.mark.parametrize("module, expected", [
