@@ -935,8 +935,10 @@ def load_file(path: str, what: str, keep: bool = False) -> dict:
                "share agent.pt") if what == "--resume" else "no code stored in it was run"
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UsageError(f"{what} {path} cannot be read as a file of {SCRIPT} ({first_line(e)}); {why}") from None
+        except Exception as e:  # torch's own message would advise weights_only=False: the very risk refused here
+            cause = ("it holds objects beyond tensors, numbers and strings, which could run code when loaded"
+                     if isinstance(e, pickle.UnpicklingError) else first_line(e))
+            raise UsageError(f"{what} {path} cannot be read as a file of {SCRIPT} ({cause}); {why}") from None
         if not isinstance(data, dict) or not isinstance(data.get("args"), dict) or "model" not in data:
             raise UsageError(f"{what} {path} is not a file written by {SCRIPT}; {why}")
         family = data.get("family", str(data.get("script")).removeprefix("ppo_"))  # older files name their script

@@ -411,7 +411,8 @@ def saved_run(in_tmp_dir):
 def test_a_file_with_a_payload_is_refused_without_running_it(saved_run, file, argv, capsys):
     data = {"bare": {"evil": Payload()}}.get(file) or {**load(f"runs/tiny/{file}.pt"), "evil": Payload()}
     torch.save(data, "evil.pt")
-    assert_bad_input(saved_run.main, argv, "evil.pt cannot be read as a file of ppo_discrete.py", capsys)
+    assert_bad_input(saved_run.main, argv, "evil.pt cannot be read as a file of ppo_discrete.py (it holds objects "
+                     "beyond tensors, numbers and strings, which could run code when loaded)", capsys)
     assert payload_runs() == 0
     out = run_script("ppo_discrete.py", "--help", *argv)
     assert out.returncode == 0 and payload_runs() == 0
