@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 import ale_py
-from ale_py.vector_env import AtariVectorEnv
 import cloudpickle  # comes with gymnasium; pickles the vector env (with its env factories) for exact resume
 import gymnasium as gym
 import numpy as np
@@ -45,6 +44,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from ale_py.vector_env import AtariVectorEnv
 from torch.utils.tensorboard import SummaryWriter
 
 gym.register_envs(ale_py)  # the ROMs ship inside the ale-py wheel: ALE/<Game>-v5 and <Game>NoFrameskip-v4
@@ -165,14 +165,17 @@ class Args:
 
 
 FAMILY = "atari"  # the env family of this script's saved agents: another script refuses them
-OPTION_RULES = {"sticky_actions": (lambda v: 0 <= v < 1, "in [0, 1) (0.25 is ALE v5's default)"),  # and RULES
-                "frame_stack": (lambda v: v > 0, "positive"),
-                "env_backend": (lambda v: v in ("gymnasium", "ale-vector"), "gymnasium or ale-vector")}
+OPTION_RULES = {
+    "sticky_actions": (lambda v: 0 <= v < 1, "in [0, 1) (0.25 is ALE v5's default)"),  # and RULES
+    "frame_stack": (lambda v: v > 0, "positive"),
+    "env_backend": (lambda v: v in ("gymnasium", "ale-vector"), "gymnasium or ale-vector"),
+}
 
 
 # --- Environments -------------------------------------------------------------------------------------------
-def make_env(env_id: str, idx: int, video_dir: Optional[str] = None,
-             sticky_actions: Optional[float] = None, frame_stack: int = 4) -> Callable[[], gym.Env]:
+def make_env(
+    env_id: str, idx: int, video_dir: Optional[str] = None, sticky_actions: Optional[float] = None, frame_stack: int = 4
+) -> Callable[[], gym.Env]:
     """The recipe for env number idx of a vector env, with the Atari preprocessing.
 
     The one place for a wrapper of your own: every env of every run (training, video, evaluation) is made here.
@@ -191,8 +194,9 @@ def make_env(env_id: str, idx: int, video_dir: Optional[str] = None,
             env = gym.make(env_id, **kwargs)
         # Up to 30 no-ops at reset, skip 4 frames with a max over the last two, 84x84 grayscale.
         # Life loss is handled in the training loop, so the emulator is reset only on game over.
-        env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84,
-                                              terminal_on_life_loss=False, grayscale_obs=True)
+        env = gym.wrappers.AtariPreprocessing(
+            env, noop_max=30, frame_skip=4, screen_size=84, terminal_on_life_loss=False, grayscale_obs=True
+        )
         env = FireOnReset(env)
         return gym.wrappers.FrameStackObservation(env, frame_stack)
 
@@ -227,6 +231,7 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
     nn.init.orthogonal_(layer.weight, std)
     nn.init.constant_(layer.bias, bias_const)
     return layer
+
 
 # --- Recurrence (--lstm): the five LSTM details of Huang et al. 2022 ----------------------------------------
 def lstm_init(lstm: nn.LSTM) -> nn.LSTM:
@@ -288,11 +293,15 @@ class Agent(nn.Module):
     def __init__(self, envs: gym.vector.VectorEnv, lstm_size: int = 0):
         super().__init__()
         self.network = nn.Sequential(
-            layer_init(nn.Conv2d(envs.single_observation_space.shape[0], 32, 8, stride=4)), nn.ReLU(),
-            layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
-            layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(),
+            layer_init(nn.Conv2d(envs.single_observation_space.shape[0], 32, 8, stride=4)),
+            nn.ReLU(),
+            layer_init(nn.Conv2d(32, 64, 4, stride=2)),
+            nn.ReLU(),
+            layer_init(nn.Conv2d(64, 64, 3, stride=1)),
+            nn.ReLU(),
             nn.Flatten(),
-            layer_init(nn.Linear(64 * 7 * 7, 512)), nn.ReLU(),
+            layer_init(nn.Linear(64 * 7 * 7, 512)),
+            nn.ReLU(),
         )
         # --lstm: an LSTM between the trunk and both heads, as in the reference's ppo_atari_lstm.py.
         self.lstm, self.state_size = lstm_init(nn.LSTM(512, lstm_size)) if lstm_size else None, 2 * lstm_size
@@ -321,8 +330,13 @@ class Agent(nn.Module):
         logits, _, state = self(obs, state, goes_on)
         return (logits.argmax(-1) if deterministic else sample(logits)), state
 
-    def get_action_and_value(self, obs: torch.Tensor, action: Optional[torch.Tensor] = None,
-                             state: Optional[torch.Tensor] = None, goes_on=True):
+    def get_action_and_value(
+        self,
+        obs: torch.Tensor,
+        action: Optional[torch.Tensor] = None,
+        state: Optional[torch.Tensor] = None,
+        goes_on=True,
+    ):
         """The rollout's one forward pass (the trunk is shared, so log-prob and value come with the action
         for the price of two small heads), and the update's."""
         logits, value, state = self(obs, state, goes_on)
@@ -335,8 +349,14 @@ class Agent(nn.Module):
 
 
 # --- Generalized Advantage Estimation -----------------------------------------------------------------------
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, terminations: torch.Tensor, dones: torch.Tensor,
-                gamma: float, gae_lambda: float) -> torch.Tensor:
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    terminations: torch.Tensor,
+    dones: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> torch.Tensor:
     """GAE (Schulman et al. 2016, arXiv:1506.02438) over a rollout of T steps of N envs. rewards, terminations, dones:
     (T, N), the outcome of step t's action as 0/1 floats (dones: terminated or truncated); values: (T + 1, N), V of
     every observation including the one after the last step; where an episode ends at t, obs_{t+1} is its final one.
@@ -367,10 +387,20 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return ((x - mean) / (std + 1e-8)).to(x.dtype)
 
 
-def ppo_loss(newlogp: torch.Tensor, oldlogp: torch.Tensor, advantages: torch.Tensor,
-             newvalue: torch.Tensor, oldvalue: torch.Tensor, returns: torch.Tensor, entropy: torch.Tensor,
-             clip_coef: float, vf_coef: float, ent_coef: float, norm_adv: bool = True, clip_vloss: bool = True,
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ppo_loss(
+    newlogp: torch.Tensor,
+    oldlogp: torch.Tensor,
+    advantages: torch.Tensor,
+    newvalue: torch.Tensor,
+    oldvalue: torch.Tensor,
+    returns: torch.Tensor,
+    entropy: torch.Tensor,
+    clip_coef: float,
+    vf_coef: float,
+    ent_coef: float,
+    norm_adv: bool = True,
+    clip_vloss: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate + value loss - entropy bonus for one minibatch; returns (loss, its parts)."""
     advantages = advantages.detach()  # a target: no gradient may flow into whatever produced it
     if norm_adv:
@@ -394,8 +424,12 @@ def ppo_loss(newlogp: torch.Tensor, oldlogp: torch.Tensor, advantages: torch.Ten
     entropy_loss = entropy.mean()
     loss = pg_loss - ent_coef * entropy_loss + vf_coef * v_loss
 
-    stats = {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(), "entropy": entropy_loss.detach(),
-             "logratio": logratio.detach()}
+    stats = {
+        "policy_loss": pg_loss.detach(),
+        "value_loss": v_loss.detach(),
+        "entropy": entropy_loss.detach(),
+        "logratio": logratio.detach(),
+    }
     return loss, stats
 
 
@@ -407,30 +441,42 @@ def policy_shift(logratio: torch.Tensor, clip_coef: float) -> dict[str, torch.Te
     """
     with torch.no_grad():
         w = logratio.exp()
-        sums = all_sum(torch.stack([
-            logratio.new_tensor(logratio.numel()),
-            # KL(old || new) estimators, http://joschu.net/blog/kl-approx.html: the naive -log r and the
-            # unbiased, always non-negative (r - 1) - log r.
-            -logratio.sum(), ((w - 1) - logratio).sum(),
-            ((w - 1.0).abs() > clip_coef).float().sum(),
-            w.sum(), (w**2).sum(),
-        ]))
+        sums = all_sum(
+            torch.stack(
+                [
+                    logratio.new_tensor(logratio.numel()),
+                    # KL(old || new) estimators, http://joschu.net/blog/kl-approx.html: the naive -log r and the
+                    # unbiased, always non-negative (r - 1) - log r.
+                    -logratio.sum(),
+                    ((w - 1) - logratio).sum(),
+                    ((w - 1.0).abs() > clip_coef).float().sum(),
+                    w.sum(),
+                    (w**2).sum(),
+                ]
+            )
+        )
         n = sums[0]
-        return {"old_approx_kl": sums[1] / n, "approx_kl": sums[2] / n, "clipfrac": sums[3] / n,
-                # Effective sample size of the importance weights as a fraction of the batch: 1 while
-                # new == old, falling toward 0 as a few samples dominate the gradient estimate.
-                "ess": sums[4] ** 2 / (n * sums[5])}
+        return {
+            "old_approx_kl": sums[1] / n,
+            "approx_kl": sums[2] / n,
+            "clipfrac": sums[3] / n,
+            # Effective sample size of the importance weights as a fraction of the batch: 1 while
+            # new == old, falling toward 0 as a few samples dominate the gradient estimate.
+            "ess": sums[4] ** 2 / (n * sums[5]),
+        }
 
 
 def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
     """[1 - Var(returns - values) / Var(returns), whether the returns vary enough for it to say anything]: how well
     the critic predicts, over every rank's batch. A tensor, read with the update's other diagnostics."""
     y, e = y_true.double(), (y_true - y_pred).double()
-    n, sy, syy, se, see, sabs = all_sum(torch.stack([y.new_tensor(y.numel()), y.sum(), (y**2).sum(), e.sum(),
-                                                     (e**2).sum(), y.abs().sum()]))
+    n, sy, syy, se, see, sabs = all_sum(
+        torch.stack([y.new_tensor(y.numel()), y.sum(), (y**2).sum(), e.sum(), (e**2).sum(), y.abs().sum()])
+    )
     var_y, var_e = (syy - sy**2 / n) / (n - 1).clamp_min(1), (see - se**2 / n) / (n - 1).clamp_min(1)
     ev = torch.where(var_y > 0, 1 - var_e / var_y, torch.nan)
     return torch.stack([ev, ((var_y > 0) & (var_y.sqrt() > 0.05 * sabs / n)).double()]).float()
+
 
 def minibatches(b_inds: torch.Tensor, args: Args, device: torch.device) -> tuple[torch.Tensor, ...]:
     """One epoch's minibatches, as indices into the rollout flattened step by step (t * N + env).
@@ -495,7 +541,8 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                 for step in range(T):
                     with torch.autocast(**bf16):
                         action, logprobs[step], _, values[step], states[step + 1] = agent.get_action_and_value(
-                            obs[step], None, states[step], torch.from_numpy(valid[step]))
+                            obs[step], None, states[step], torch.from_numpy(valid[step])
+                        )
                     actions[step] = action
                     # On the CPU .cpu() is free; with a GPU this is the one unavoidable copy per step.
                     next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
@@ -515,8 +562,9 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
             # The rollout's host arrays go to the device before anything else is queued there: a copy from the
             # host waits for the device's queue, which is empty now.
             b_inds = torch.from_numpy(np.flatnonzero(valid[:T])).to(device)  # the transitions, found on the host
-            rewards_t, terminations_t, dones_t, valid_t = (torch.from_numpy(x).to(device)
-                                                           for x in (rewards, terminations, dones, valid[:T]))
+            rewards_t, terminations_t, dones_t, valid_t = (
+                torch.from_numpy(x).to(device) for x in (rewards, terminations, dones, valid[:T])
+            )
             b_obs, b_actions, b_states, b_valid = (x.flatten(0, 1) for x in (obs[:-1], actions, states[:-1], valid_t))
             with torch.no_grad():
                 b_logprobs, b_values = logprobs.flatten(), values[:-1].flatten()
@@ -528,20 +576,32 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
 
             # --- K epochs of minibatch Adam on the batch ---
             mb_stats = []
-            for epoch in range(args.update_epochs):
+            for epoch in range(args.update_epochs):  # noqa: B007 (read after the loop: the epochs run)
                 logratios = []
                 for mb in minibatches(b_inds, args, device):
                     with torch.autocast(**bf16):
                         if args.lstm:  # each sequence replayed from the rollout's state at its start (LSTM detail 5)
                             _, newlogp, entropy, newvalue, _ = agent.get_action_and_value(
-                                b_obs[mb], b_actions[mb], b_states[mb[0]], b_valid[mb])
+                                b_obs[mb], b_actions[mb], b_states[mb[0]], b_valid[mb]
+                            )
                             keep = b_valid[mb]  # then the steps that only reset an env are dropped
                             mb, newlogp, entropy, newvalue = mb[keep], newlogp[keep], entropy[keep], newvalue[keep]
                         else:
                             _, newlogp, entropy, newvalue, _ = agent.get_action_and_value(b_obs[mb], b_actions[mb])
-                    loss, stats = loss_fn(newlogp, b_logprobs[mb], b_advantages[mb], newvalue, b_values[mb],
-                                          b_returns[mb], entropy, clip_coef=args.clip_coef, vf_coef=args.vf_coef,
-                                          ent_coef=args.ent_coef, norm_adv=args.norm_adv, clip_vloss=args.clip_vloss)
+                    loss, stats = loss_fn(
+                        newlogp,
+                        b_logprobs[mb],
+                        b_advantages[mb],
+                        newvalue,
+                        b_values[mb],
+                        b_returns[mb],
+                        entropy,
+                        clip_coef=args.clip_coef,
+                        vf_coef=args.vf_coef,
+                        ent_coef=args.ent_coef,
+                        norm_adv=args.norm_adv,
+                        clip_vloss=args.clip_vloss,
+                    )
                     optimizer.zero_grad()
                     loss.backward()
                     average_gradients(params)  # under torchrun: the mean over the ranks, before clipping
@@ -601,12 +661,25 @@ class AleVectorEnv(AtariVectorEnv):
     def __init__(self, env_id: str, num_envs: int, sticky_actions: Optional[float] = None, frame_stack: int = 4):
         game = gym.spec(env_id).kwargs  # the id's game, sticky actions and episode limit
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        super().__init__(game["game"], num_envs, num_threads=min(num_envs, cores), stack_num=frame_stack,
-                         repeat_action_probability=game.get("repeat_action_probability", 0.0)
-                         if sticky_actions is None else sticky_actions,
-                         max_num_frames_per_episode=game.get("max_num_frames_per_episode", 108_000), frameskip=4,
-                         noop_max=30, img_height=84, img_width=84, grayscale=True, maxpool=True, episodic_life=False,
-                         reward_clipping=False, use_fire_reset=True)
+        super().__init__(
+            game["game"],
+            num_envs,
+            num_threads=min(num_envs, cores),
+            stack_num=frame_stack,
+            repeat_action_probability=game.get("repeat_action_probability", 0.0)
+            if sticky_actions is None
+            else sticky_actions,
+            max_num_frames_per_episode=game.get("max_num_frames_per_episode", 108_000),
+            frameskip=4,
+            noop_max=30,
+            img_height=84,
+            img_width=84,
+            grayscale=True,
+            maxpool=True,
+            episodic_life=False,
+            reward_clipping=False,
+            use_fire_reset=True,
+        )
 
     def reset(self, **kwargs):
         obs, info = super().reset(**kwargs)
@@ -628,8 +701,10 @@ def check_env(env_id: str) -> None:
     env = gym.make(env_id)
     env.close()
     if not isinstance(env.unwrapped, ale_py.AtariEnv):
-        raise UsageError(f"--env-id {env_id} is not an Atari game; train it with ppo_discrete.py (discrete actions) "
-                         "or ppo_continuous.py (continuous actions)")
+        raise UsageError(
+            f"--env-id {env_id} is not an Atari game; train it with ppo_discrete.py (discrete actions) "
+            "or ppo_continuous.py (continuous actions)"
+        )
 
 
 def env_state(env: gym.Env) -> dict:
@@ -639,8 +714,11 @@ def env_state(env: gym.Env) -> dict:
     constructor arguments, so the emulator's state (with its random generator, which drives sticky
     actions) and the env's own generator (which draws the no-ops) are saved beside them.
     """
-    return {"env": cloudpickle.dumps(env), "emulator": env.unwrapped.ale.cloneState(include_rng=True),
-            "rng": env.unwrapped.np_random}
+    return {
+        "env": cloudpickle.dumps(env),
+        "emulator": env.unwrapped.ale.cloneState(include_rng=True),
+        "rng": env.unwrapped.np_random,
+    }
 
 
 def restore_env_state(state: dict) -> gym.Env:
@@ -690,8 +768,22 @@ def flag(name: str) -> str:
 # --- checks before anything is built ------------------------------------------------------------------------
 POSITIVE, AT_LEAST_0 = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "0 or more")
 RULES = {  # what the options of every script must be; Part A's OPTION_RULES adds the family's own
-    **dict.fromkeys(("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "learning_rate",
-                     "clip_coef", "max_grad_norm", "target_kl", "eval_episodes", "lstm_hidden_size"), POSITIVE),
+    **dict.fromkeys(
+        (
+            "total_timesteps",
+            "num_envs",
+            "num_steps",
+            "num_minibatches",
+            "update_epochs",
+            "learning_rate",
+            "clip_coef",
+            "max_grad_norm",
+            "target_kl",
+            "eval_episodes",
+            "lstm_hidden_size",
+        ),
+        POSITIVE,
+    ),
     **dict.fromkeys(("ent_coef", "vf_coef", "checkpoint_every", "checkpoint_minutes", "eval_seed"), AT_LEAST_0),
     **dict.fromkeys(("gamma", "gae_lambda"), (lambda v: 0 <= v <= 1, "in [0, 1]")),
     "seed": (lambda v: 0 <= v < 2**31, "in [0, 2**31)"),  # numpy's seeds end at 2**32, and evaluation adds 1e9
@@ -721,14 +813,22 @@ def check_args(args: Args) -> None:
     if not fits(m):  # the nearest count that fits, searched outward from m (a batch may hold billions of steps)
         near = next((d for k in range(batch + m) for d in (m - k, m + k) if 0 < d <= batch and fits(d)), None)
         hint = f"e.g. {near}" if near else "raise --num-steps"
-        what = ("whole env sequences (each env's rollout, or equal stretches of it when there are fewer envs than "
-                "minibatches)" if args.lstm else "an equal share of it")
-        raise UsageError(f"--num-minibatches {m} does not fit the batch (num_envs * num_steps = {N} * {T} = {batch}"
-                         f"{', --lstm' if args.lstm else ''}): each minibatch takes {what} and needs 2 transitions "
-                         f"where half the steps only reset an env; {hint}")
+        what = (
+            "whole env sequences (each env's rollout, or equal stretches of it when there are fewer envs than "
+            "minibatches)"
+            if args.lstm
+            else "an equal share of it"
+        )
+        raise UsageError(
+            f"--num-minibatches {m} does not fit the batch (num_envs * num_steps = {N} * {T} = {batch}"
+            f"{', --lstm' if args.lstm else ''}): each minibatch takes {what} and needs 2 transitions "
+            f"where half the steps only reset an env; {hint}"
+        )
     if args.num_iterations == 0:
-        raise UsageError(f"--total-timesteps {args.total_timesteps} is less than one batch ({batch * args.world_size} ="
-                         f" num_envs * num_steps{' * ranks' if args.world_size > 1 else ''}); raise it")
+        raise UsageError(
+            f"--total-timesteps {args.total_timesteps} is less than one batch ({batch * args.world_size} ="
+            f" num_envs * num_steps{' * ranks' if args.world_size > 1 else ''}); raise it"
+        )
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())  # --env-id module:Env-v0 finds module.py in the current folder too
     try:  # gymnasium's own message for an unknown id, a missing package, a module that registers no such env
@@ -739,9 +839,24 @@ def check_args(args: Args) -> None:
 
 # Options that only watch the run, or step its envs another way (the same episodes), may change on resume, and so may
 # the budget; any other change is refused.
-FREE_ON_RESUME = ("progress", "track", "wandb_project_name", "wandb_entity", "checkpoint_every", "checkpoint_minutes",
-                  "resume", "eval_checkpoint", "eval_episodes", "eval_seed", "eval_deterministic", "exp_name",
-                  "run_name", "async_envs", "total_timesteps", "save_model")
+FREE_ON_RESUME = (
+    "progress",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "checkpoint_every",
+    "checkpoint_minutes",
+    "resume",
+    "eval_checkpoint",
+    "eval_episodes",
+    "eval_seed",
+    "eval_deterministic",
+    "exp_name",
+    "run_name",
+    "async_envs",
+    "total_timesteps",
+    "save_model",
+)
 CHECKPOINT_FORMAT = 3
 
 
@@ -754,15 +869,21 @@ def load_checkpoint(args: Args) -> dict:
         raise UsageError(f"--resume {path} was written by another version of {ckpt.get('script')}; finish it with that")
     for name, value in asdict(args).items():  # an option the checkpoint predates had its default value
         if name not in FREE_ON_RESUME and getattr(saved_args(ckpt), name) != value:
-            raise UsageError(f"--resume {path} was trained with {flag(name)} {getattr(saved_args(ckpt), name)}, not "
-                             f"{value}; a resumed run goes on as it started (only the budget and what watches it may "
-                             "change)")
+            raise UsageError(
+                f"--resume {path} was trained with {flag(name)} {getattr(saved_args(ckpt), name)}, not "
+                f"{value}; a resumed run goes on as it started (only the budget and what watches it may "
+                "change)"
+            )
     if len(ckpt["ranks"]) != args.world_size:
-        raise UsageError(f"--resume {path} was written by {len(ckpt['ranks'])} process(es), not {args.world_size}; "
-                         "resume it with as many (torchrun --nproc-per-node, or python for 1)")
+        raise UsageError(
+            f"--resume {path} was written by {len(ckpt['ranks'])} process(es), not {args.world_size}; "
+            "resume it with as many (torchrun --nproc-per-node, or python for 1)"
+        )
     if args.total_timesteps < ckpt["global_step"]:
-        raise UsageError(f"--total-timesteps {args.total_timesteps} is less than the {ckpt['global_step']} steps "
-                         f"{path} has already trained")
+        raise UsageError(
+            f"--total-timesteps {args.total_timesteps} is less than the {ckpt['global_step']} steps "
+            f"{path} has already trained"
+        )
     args.run_name = ckpt["args"]["run_name"]  # a resumed run goes on in its own folder
     return ckpt
 
@@ -778,8 +899,10 @@ def init_distributed(use_cuda: bool) -> tuple[int, int, torch.device]:
     if world_size == 1:
         return 0, 1, device
     if cuda and device.index >= torch.cuda.device_count():
-        raise UsageError(f"this node runs more ranks than its {torch.cuda.device_count()} GPU(s); use "
-                         f"--nproc-per-node {torch.cuda.device_count()}, or --no-cuda to train on the CPUs")
+        raise UsageError(
+            f"this node runs more ranks than its {torch.cuda.device_count()} GPU(s); use "
+            f"--nproc-per-node {torch.cuda.device_count()}, or --no-cuda to train on the CPUs"
+        )
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
@@ -838,13 +961,22 @@ class EnvCheck(gym.Wrapper):
 
     def check(self, obs, reward):
         obs, floats = np.asarray(obs), np.issubdtype(self.space.dtype, np.floating)
-        fault = (f"an observation of shape {obs.shape}" if obs.shape != self.space.shape else
-                 f"an observation of dtype {obs.dtype}" if not np.can_cast(obs.dtype, self.space.dtype, "same_kind")
-                 else "a non-finite observation" if floats and not np.isfinite(obs).all() else
-                 f"a reward of {reward}" if not math.isfinite(reward) else None)
+        fault = (
+            f"an observation of shape {obs.shape}"
+            if obs.shape != self.space.shape
+            else f"an observation of dtype {obs.dtype}"
+            if not np.can_cast(obs.dtype, self.space.dtype, "same_kind")
+            else "a non-finite observation"
+            if floats and not np.isfinite(obs).all()
+            else f"a reward of {reward}"
+            if not math.isfinite(reward)
+            else None
+        )
         if fault:
-            raise RunError(f"env {self.index} ({getattr(self.env.spec, 'id', self.env)}) returned {fault} at its step "
-                           f"{self.steps}, where its observation space is {self.space}")
+            raise RunError(
+                f"env {self.index} ({getattr(self.env.spec, 'id', self.env)}) returned {fault} at its step "
+                f"{self.steps}, where its observation space is {self.space}"
+            )
         return obs
 
     def checkpoint_state(self) -> dict:
@@ -863,14 +995,20 @@ def rank_state(envs: gym.vector.VectorEnv, with_envs: bool = True) -> dict:
         saved = cloudpickle.dumps(list(bottom.call("checkpoint_state")) if own else bottom) if with_envs else None
     except Exception as e:
         saved, why = None, f"its envs cannot be saved: {first_line(e)}"
-    rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
-           torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None)
+    rng = (
+        torch.get_rng_state(),
+        np.random.get_state(),
+        random.getstate(),
+        torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+    )
     wrapped = inner is not bottom
     if wrapped:
         inner.env = None  # the wrappers are pickled without the envs under them
     try:
-        return {"state": cloudpickle.dumps({"wrappers": envs if wrapped else None, "envs": saved, "rng": rng}),
-                "new_episodes": why}
+        return {
+            "state": cloudpickle.dumps({"wrappers": envs if wrapped else None, "envs": saved, "rng": rng}),
+            "new_episodes": why,
+        }
     finally:
         if wrapped:
             inner.env = bottom
@@ -924,20 +1062,31 @@ LOADED: dict = {}  # the file main() read for the options, handed on to the run:
 def load_file(path: str, what: str, keep: bool = False) -> dict:
     """A saved agent or checkpoint of this env family, read with weights_only=True: no code stored in it runs."""
     if not os.path.isfile(path):
-        raise UsageError(f"{what} {path} is a folder; pass the file in it, e.g. {os.path.join(path, 'checkpoint.pt')}"
-                         if os.path.isdir(path) else f"{what} {path} does not exist; pass a file such as "
-                         "runs/<run_name>/checkpoint.pt or agent.pt")
+        raise UsageError(
+            f"{what} {path} is a folder; pass the file in it, e.g. {os.path.join(path, 'checkpoint.pt')}"
+            if os.path.isdir(path)
+            else f"{what} {path} does not exist; pass a file such as runs/<run_name>/checkpoint.pt or agent.pt"
+        )
     stat = os.stat(path)
     key = (os.path.abspath(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
     data = LOADED.pop(key, None)
     if data is None:
-        why = ("a checkpoint holds its envs pickled, and resuming one runs code from it: resume only your own runs, "
-               "share agent.pt") if what == "--resume" else "no code stored in it was run"
+        why = (
+            (
+                "a checkpoint holds its envs pickled, and resuming one runs code from it: resume only your own runs, "
+                "share agent.pt"
+            )
+            if what == "--resume"
+            else "no code stored in it was run"
+        )
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch's own message would advise weights_only=False: the very risk refused here
-            cause = ("it holds objects beyond tensors, numbers and strings, which could run code when loaded"
-                     if isinstance(e, pickle.UnpicklingError) else first_line(e))
+            cause = (
+                "it holds objects beyond tensors, numbers and strings, which could run code when loaded"
+                if isinstance(e, pickle.UnpicklingError)
+                else first_line(e)
+            )
             raise UsageError(f"{what} {path} cannot be read as a file of {SCRIPT} ({cause}); {why}") from None
         if not isinstance(data, dict) or not isinstance(data.get("args"), dict) or "model" not in data:
             raise UsageError(f"{what} {path} is not a file written by {SCRIPT}; {why}")
@@ -1014,8 +1163,10 @@ class Run:
                 write_file(os.path.join(folder, ".writable"), b"")  # it must take a file before anything trains
                 os.remove(os.path.join(folder, ".writable"))
         except FileExistsError:
-            raise UsageError(f"{folder} holds another run; choose another --run-name, or continue that run with "
-                             f"--resume {folder}/checkpoint.pt") from None
+            raise UsageError(
+                f"{folder} holds another run; choose another --run-name, or continue that run with "
+                f"--resume {folder}/checkpoint.pt"
+            ) from None
         except (RunError, OSError) as e:
             raise UsageError(f"the run folder {folder} is not writable ({e})") from None
         return name
@@ -1023,14 +1174,23 @@ class Run:
     def __enter__(self) -> "Run":
         return self
 
-    def start(self, agent: nn.Module, optimizer: torch.optim.Optimizer, envs: gym.vector.VectorEnv,
-              obs: torch.Tensor, valid: np.ndarray, *carried: torch.Tensor) -> gym.vector.VectorEnv:
+    def start(
+        self,
+        agent: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        envs: gym.vector.VectorEnv,
+        obs: torch.Tensor,
+        valid: np.ndarray,
+        *carried: torch.Tensor,
+    ) -> gym.vector.VectorEnv:
         """Resume from the checkpoint, or reset the envs; returns the envs. The last row of obs, valid and each carried
         buffer is what one rollout hands to the next (and checkpoints save): the first rollout starts there."""
         args, ckpt, restored = self.args, self.resumed, False
         if envs.metadata.get("autoreset_mode") != gym.vector.AutoresetMode.NEXT_STEP:  # else the final obs is lost
-            raise UsageError(f"the vector env resets its envs in mode {envs.metadata.get('autoreset_mode')}; the loop "
-                             "handles only gymnasium's default, AutoresetMode.NEXT_STEP (build it without it)")
+            raise UsageError(
+                f"the vector env resets its envs in mode {envs.metadata.get('autoreset_mode')}; the loop "
+                "handles only gymnasium's default, AutoresetMode.NEXT_STEP (build it without it)"
+            )
         for p in agent.parameters() if self.world_size > 1 else []:
             dist.broadcast(p.data, src=0)  # every rank starts from rank 0's initialization
         if ckpt is not None:
@@ -1043,8 +1203,10 @@ class Run:
             self.global_step, self.first_iteration = ckpt["global_step"], ckpt["iteration"] + 1
             self.episodes, self.elapsed_before = [tuple(e) for e in ckpt["episodes"]], ckpt["elapsed"]
         if ckpt is not None and not restored:
-            self.say(f"note: {args.resume} holds no envs ({mine.get('new_episodes') or 'they could not be saved'}); "
-                     "they start new episodes")
+            self.say(
+                f"note: {args.resume} holds no envs ({mine.get('new_episodes') or 'they could not be saved'}); "
+                "they start new episodes"
+            )
         if not restored:  # new episodes; where a checkpoint could not hold its envs, seeded apart from the first start
             # No two envs of the job share a seed: rank r's env i is seeded like env r * num_envs + i of one big run.
             obs[-1] = torch.as_tensor(envs.reset(seed=args.seed + self.rank * args.num_envs + self.global_step)[0])
@@ -1058,14 +1220,23 @@ class Run:
                 wandb = importlib.import_module("wandb")
                 wandb.tensorboard.patch(root_logdir=self.run_dir)  # names stay unprefixed, and no 10 s wait at exit
                 wandb_id = ckpt["wandb_id"] if ckpt else None
-                self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, id=wandb_id,
-                                        config=asdict(args), name=args.run_name, sync_tensorboard=True,
-                                        save_code=True, resume="allow" if wandb_id else None)
+                self.wandb = wandb.init(
+                    project=args.wandb_project_name,
+                    entity=args.wandb_entity,
+                    id=wandb_id,
+                    config=asdict(args),
+                    name=args.run_name,
+                    sync_tensorboard=True,
+                    save_code=True,
+                    resume="allow" if wandb_id else None,
+                )
             # A resumed run hides what was logged after its checkpoint, so no step shows twice.
             self.writer = SummaryWriter(self.run_dir, purge_step=ckpt["global_step"] + 1 if ckpt else None)
             if not ckpt:
-                self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-                    f"|{k}|{v}|" for k, v in asdict(args).items()))
+                self.writer.add_text(
+                    "hyperparameters",
+                    "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()),
+                )
         if threading.current_thread() is threading.main_thread():
             self.handlers = {signum: signal.signal(signum, self.on_signal) for signum in SIGNAL_NAMES}
         self.start_time = self.last_checkpoint = time.time()
@@ -1080,8 +1251,10 @@ class Run:
         if self.signal is not None:
             raise KeyboardInterrupt(signum)  # main() exits with 128 + signum, as the signal itself would
         self.signal = signum
-        self.say(f"warning: {SIGNAL_NAMES[signum]}: finishing this update, then writing a checkpoint "
-                 f"({SIGNAL_NAMES[signum]} again quits at once)")
+        self.say(
+            f"warning: {SIGNAL_NAMES[signum]}: finishing this update, then writing a checkpoint "
+            f"({SIGNAL_NAMES[signum]} again quits at once)"
+        )
 
     def iterations(self):
         """The numbers of the updates still to run. After each: a checkpoint when one is due (--checkpoint-every,
@@ -1093,8 +1266,10 @@ class Run:
             self.done_step, self.updating = self.global_step, False
             self.update_times.append(time.time() - started)
             if args.compile and len(self.update_times) == 3:
-                self.say("torch.compile: the first two updates took {:.1f} s and {:.1f} s (compiling), the third "
-                         "{:.2f} s".format(*self.update_times))
+                self.say(
+                    "torch.compile: the first two updates took {:.1f} s and {:.1f} s (compiling), the third "
+                    "{:.2f} s".format(*self.update_times)
+                )
             every = args.checkpoint_every and iteration % args.checkpoint_every == 0
             minutes = args.checkpoint_minutes and time.time() - self.last_checkpoint >= 60 * args.checkpoint_minutes
             # A signal during the last update changes nothing: the run is complete. All ranks stop and checkpoint after
@@ -1113,8 +1288,10 @@ class Run:
         self.global_step += self.args.num_envs * self.world_size
         if "_episode" in info:
             ended, now = info["_episode"], round(self.elapsed(), 3)
-            self.episodes += [(self.global_step, now, r, n) for r, n in zip(info["episode"]["r"][ended].tolist(),
-                                                                           info["episode"]["l"][ended].tolist())]
+            self.episodes += [
+                (self.global_step, now, r, n)
+                for r, n in zip(info["episode"]["r"][ended].tolist(), info["episode"]["l"][ended].tolist())
+            ]
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.start_time
@@ -1131,20 +1308,31 @@ class Run:
         progress. TensorBoard gets them in bursts of 50 updates: one at a time, its thread slowed a fast run by 30%."""
         if self.world_size > 1:  # rank 0 logs the episodes of every rank
             everyone = [None] * self.world_size if self.main else None
-            dist.gather_object(self.episodes[self.episodes_sent:], everyone, dst=0)
+            dist.gather_object(self.episodes[self.episodes_sent :], everyone, dst=0)
             self.episodes += [e for other in (everyone[1:] if self.main else []) for e in other]
             self.episodes_sent = len(self.episodes)
-        values = torch.cat([all_sum(torch.stack(list(diagnostics.values()))) / self.world_size, explained_var,
-                            self.optimizer.found_inf.view(1)]).tolist()
+        values = torch.cat(
+            [
+                all_sum(torch.stack(list(diagnostics.values()))) / self.world_size,
+                explained_var,
+                self.optimizer.found_inf.view(1),
+            ]
+        ).tolist()
         if values[-1]:
-            raise RunError(f"the loss became nan or infinite in update {self.iteration} (step {self.global_step}); its "
-                           "optimizer step and the update's later ones were skipped and training stopped. Lower "
-                           f"--learning-rate or --max-grad-norm; the last checkpoint, if any, stays in {self.run_dir}")
+            raise RunError(
+                f"the loss became nan or infinite in update {self.iteration} (step {self.global_step}); its "
+                "optimizer step and the update's later ones were skipped and training stopped. Lower "
+                f"--learning-rate or --max-grad-norm; the last checkpoint, if any, stays in {self.run_dir}"
+            )
         step, n, recent = self.global_step, len(diagnostics), self.episodes[-20:]
         sps, total, ret = (step - self.start_step) / (time.time() - self.start_time), self.args.total_timesteps, np.nan
-        metrics = {**{f"losses/{k}": v for k, v in zip(diagnostics, values)}, "losses/explained_variance": values[n],
-                   "losses/epochs": epochs, "charts/learning_rate": self.optimizer.param_groups[0]["lr"],
-                   "charts/SPS": sps}
+        metrics = {
+            **{f"losses/{k}": v for k, v in zip(diagnostics, values)},
+            "losses/explained_variance": values[n],
+            "losses/epochs": epochs,
+            "charts/learning_rate": self.optimizer.param_groups[0]["lr"],
+            "charts/SPS": sps,
+        }
         if recent:
             ret = metrics["charts/episodic_return"] = float(np.mean([e[2] for e in recent]))
             metrics["charts/episodic_length"] = float(np.mean([e[3] for e in recent]))
@@ -1156,8 +1344,10 @@ class Run:
         self.check_health(metrics, values[n + 1] > 0)
         live = sys.stderr.isatty()  # a line redrawn in place in a terminal, else (logs) a line every 5% of the steps
         if self.args.progress and (live or step >= self.next_line):
-            line = (f"step {step:,}/{total:,} ({100 * step / total:.0f}%)  {sps:,.0f} steps/s  return {ret:.1f}  "
-                    f"ETA {(total - step) / max(sps, 1e-9):.0f}s")
+            line = (
+                f"step {step:,}/{total:,} ({100 * step / total:.0f}%)  {sps:,.0f} steps/s  return {ret:.1f}  "
+                f"ETA {(total - step) / max(sps, 1e-9):.0f}s"
+            )
             print(f"\r{line}\033[K" if live else line, end="" if live else "\n", file=sys.stderr, flush=True)
             self.next_line, self.drawn = step + max(total // 20, 1), live
 
@@ -1170,12 +1360,25 @@ class Run:
         late = self.iteration > self.args.num_iterations // 2
         kl_limit = 2 * self.args.target_kl if self.args.target_kl is not None else 0.05  # far above target (~0.01)
         for kind, bad, message in [
-                ("kl", kl > kl_limit, f"approx KL {kl:.3f} > {kl_limit:.3f}: the policy moves far per update; lower "
-                 "--learning-rate or --update-epochs, or set --target-kl"),
-                ("ev", late and ev < 0, f"explained variance averaged {ev:.2f} < 0 over the last 20 updates: the "
-                 "critic predicts returns worse than their mean, so advantages are mostly noise"),
-                ("ess", ess < 0.5, f"effective sample size fell to {ess:.2f} of the batch: a few samples dominate the "
-                 "gradient; lower --learning-rate or --clip-coef")]:
+            (
+                "kl",
+                kl > kl_limit,
+                f"approx KL {kl:.3f} > {kl_limit:.3f}: the policy moves far per update; lower "
+                "--learning-rate or --update-epochs, or set --target-kl",
+            ),
+            (
+                "ev",
+                late and ev < 0,
+                f"explained variance averaged {ev:.2f} < 0 over the last 20 updates: the "
+                "critic predicts returns worse than their mean, so advantages are mostly noise",
+            ),
+            (
+                "ess",
+                ess < 0.5,
+                f"effective sample size fell to {ess:.2f} of the batch: a few samples dominate the "
+                "gradient; lower --learning-rate or --clip-coef",
+            ),
+        ]:
             if bad and kind not in self.warned:
                 self.warned.add(kind)
                 self.say(f"warning: {message} (at step {self.global_step}; shown once)")
@@ -1198,8 +1401,12 @@ class Run:
         """Write runs/<run>/checkpoint.pt, all a resumed run needs to go on as an uninterrupted one would, as tensors,
         numbers and bytes (the envs, pickled). After a crash: the last completed update, without envs (new episodes)."""
         iteration, step = (self.iteration - 1, self.done_step) if after_crash else (self.iteration, self.global_step)
-        ranks = [{**rank_state(self.envs, not after_crash), "carried": [torch.as_tensor(b[-1]).cpu().clone()
-                                                                        for b in self.buffers]}]
+        ranks = [
+            {
+                **rank_state(self.envs, not after_crash),
+                "carried": [torch.as_tensor(b[-1]).cpu().clone() for b in self.buffers],
+            }
+        ]
         if self.world_size > 1:  # parameters and Adam are the same on every rank; envs and random streams are not
             ranks, mine = ([None] * self.world_size if self.main else None), ranks[0]
             dist.gather_object(mine, ranks, dst=0)
@@ -1207,28 +1414,57 @@ class Run:
         if self.main:
             self.flush()  # every scalar up to this update is on disk, so a crash now loses none of them
             self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
-            write_file(self.checkpoint_path, {
-                "family": FAMILY, "script": SCRIPT, "format": CHECKPOINT_FORMAT, "args": asdict(self.args),
-                "iteration": iteration, "global_step": step, "model": self.agent.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "env_stats": env_stats(self.envs), "ranks": ranks,
-                "episodes": [e for e in self.episodes if e[0] <= step], "elapsed": self.elapsed(),
-                "wandb_id": self.wandb.id if self.wandb else None})
+            write_file(
+                self.checkpoint_path,
+                {
+                    "family": FAMILY,
+                    "script": SCRIPT,
+                    "format": CHECKPOINT_FORMAT,
+                    "args": asdict(self.args),
+                    "iteration": iteration,
+                    "global_step": step,
+                    "model": self.agent.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "env_stats": env_stats(self.envs),
+                    "ranks": ranks,
+                    "episodes": [e for e in self.episodes if e[0] <= step],
+                    "elapsed": self.elapsed(),
+                    "wandb_id": self.wandb.id if self.wandb else None,
+                },
+            )
             if ranks[0]["new_episodes"] and not after_crash and "envs" not in self.warned:
                 self.warned.add("envs")
-                self.say(f"note: checkpoints hold no envs ({ranks[0]['new_episodes']}); a resumed run starts new "
-                         "episodes")
+                self.say(
+                    f"note: checkpoints hold no envs ({ranks[0]['new_episodes']}); a resumed run starts new episodes"
+                )
 
     def result(self, agent: nn.Module) -> dict:
         """Save the trained agent (with --save-model), and what train() returns."""
         self.closing = True
         if self.args.save_model and not self.interrupted and self.main:
             # The env statistics belong to the model: without them the policy would see other inputs.
-            write_file(os.path.join(self.run_dir, "agent.pt"), {"family": FAMILY, "script": SCRIPT, "args": asdict(
-                self.args), "model": agent.state_dict(), "env_stats": env_stats(self.envs)})
-        episodes = {key: [e[i] for e in self.episodes] for i, key in enumerate(("steps", "times", "returns",
-                                                                                 "lengths"))}
-        return {"agent": agent, "run_dir": self.run_dir, "episodes": episodes, "global_step": self.global_step,
-                "interrupted": self.interrupted, "signal": self.signal, "env_stats": env_stats(self.envs)}
+            write_file(
+                os.path.join(self.run_dir, "agent.pt"),
+                {
+                    "family": FAMILY,
+                    "script": SCRIPT,
+                    "args": asdict(self.args),
+                    "model": agent.state_dict(),
+                    "env_stats": env_stats(self.envs),
+                },
+            )
+        episodes = {
+            key: [e[i] for e in self.episodes] for i, key in enumerate(("steps", "times", "returns", "lengths"))
+        }
+        return {
+            "agent": agent,
+            "run_dir": self.run_dir,
+            "episodes": episodes,
+            "global_step": self.global_step,
+            "interrupted": self.interrupted,
+            "signal": self.signal,
+            "env_stats": env_stats(self.envs),
+        }
 
     def __exit__(self, kind, error, trace) -> None:
         self.closing = True
@@ -1240,8 +1476,12 @@ class Run:
             if self.main and self.writer is not None:
                 # A crash outside an update leaves the last completed one intact: keep it (under torchrun the other
                 # ranks wait for this one, and the last checkpoint stands).
-                if isinstance(error, Exception) and not self.updating and self.iteration > self.first_iteration \
-                        and self.world_size == 1:
+                if (
+                    isinstance(error, Exception)
+                    and not self.updating
+                    and self.iteration > self.first_iteration
+                    and self.world_size == 1
+                ):
                     with contextlib.suppress(RunError):  # a disk fault leaves the last good checkpoint in place
                         self.checkpoint(after_crash=True)
                 self.say(self.finish(error))  # first: a fault of the logs below cannot lose the result files
@@ -1266,30 +1506,60 @@ class Run:
             for signum, handler in self.handlers.items():
                 signal.signal(signum, handler)
         if memory or unexpected:
-            raise RunError(f"out of memory ({first_line(error)}); lower --num-envs or --num-steps, or raise "
-                           "--num-minibatches" if memory else f"training stopped by {first_line(error)} (traceback "
-                           "above)") from None
+            raise RunError(
+                f"out of memory ({first_line(error)}); lower --num-envs or --num-steps, or raise --num-minibatches"
+                if memory
+                else f"training stopped by {first_line(error)} (traceback above)"
+            ) from None
 
     def finish(self, error: Optional[BaseException]) -> str:
         """Every finished episode to episodes.csv and the run's totals to summary.json (plain files for a spreadsheet
         or the benchmark); returns the run's closing line."""
         args, elapsed, step, returns = self.args, self.elapsed(), self.global_step, [e[2] for e in self.episodes]
-        rows = "".join(f"{s},{t},{r},{n}\n" for s, t, r, n in [("global_step", "time_s", "return", "length"),
-                                                               *self.episodes])
+        rows = "".join(
+            f"{s},{t},{r},{n}\n" for s, t, r, n in [("global_step", "time_s", "return", "length"), *self.episodes]
+        )
         write_file(os.path.join(self.run_dir, "episodes.csv"), rows.encode())
-        finished = error is None and not self.interrupted and step >= args.num_iterations * args.batch_size * \
-            args.world_size
+        finished = (
+            error is None and not self.interrupted and step >= args.num_iterations * args.batch_size * args.world_size
+        )
         final, sps = float(np.mean(returns[-100:])) if returns else None, round(step / max(elapsed, 1e-9), 1)
-        write_file(os.path.join(self.run_dir, "summary.json"), json.dumps(
-            {"script": SCRIPT, "env_id": args.env_id, "seed": args.seed, "global_step": step, "total_timesteps":
-             args.total_timesteps, "finished": finished, "time_s": round(elapsed, 3), "sps": sps,
-             "episodes": len(returns), "final_return": final}, indent=1).encode())
-        head = "finished" if finished else "stopped by an error" if isinstance(error, Exception) else \
-            f"stopped by {SIGNAL_NAMES.get(self.signal, 'a signal')}" if self.signal else "stopped"
-        ended = "no episode finished" if final is None else \
-            f"final return {final:.2f} (mean of the last {min(100, len(returns))} episodes)"
-        line = (f"{head}: {step:,} of {args.total_timesteps:,} steps in {elapsed:.0f} s ({sps:,.0f} steps/s), {ended}; "
-                f"files in {self.run_dir} (tensorboard --logdir runs)")
+        write_file(
+            os.path.join(self.run_dir, "summary.json"),
+            json.dumps(
+                {
+                    "script": SCRIPT,
+                    "env_id": args.env_id,
+                    "seed": args.seed,
+                    "global_step": step,
+                    "total_timesteps": args.total_timesteps,
+                    "finished": finished,
+                    "time_s": round(elapsed, 3),
+                    "sps": sps,
+                    "episodes": len(returns),
+                    "final_return": final,
+                },
+                indent=1,
+            ).encode(),
+        )
+        head = (
+            "finished"
+            if finished
+            else "stopped by an error"
+            if isinstance(error, Exception)
+            else f"stopped by {SIGNAL_NAMES.get(self.signal, 'a signal')}"
+            if self.signal
+            else "stopped"
+        )
+        ended = (
+            "no episode finished"
+            if final is None
+            else f"final return {final:.2f} (mean of the last {min(100, len(returns))} episodes)"
+        )
+        line = (
+            f"{head}: {step:,} of {args.total_timesteps:,} steps in {elapsed:.0f} s ({sps:,.0f} steps/s), {ended}; "
+            f"files in {self.run_dir} (tensorboard --logdir runs)"
+        )
         if self.checkpoint_path and not finished:
             command = f"python {SCRIPT}" if self.world_size == 1 else "the same torchrun command with"
             line += f"\ncheckpoint written; continue with: {command} --resume {self.checkpoint_path}"
@@ -1300,8 +1570,9 @@ class Run:
 EVAL_SEED_OFFSET = 1_000_000_000  # evaluation episodes are seeded apart from every training env
 
 
-def evaluate(path: str, episodes: int, seed: Optional[int] = None, deterministic: bool = False,
-             video_dir: Optional[str] = None) -> tuple[np.ndarray, int]:
+def evaluate(
+    path: str, episodes: int, seed: Optional[int] = None, deterministic: bool = False, video_dir: Optional[str] = None
+) -> tuple[np.ndarray, int]:
     """Play `episodes` episodes with a saved agent or checkpoint (none of its code runs): their returns and the env
     seed, EVAL_SEED_OFFSET + the training seed by default. deterministic: the most likely action, not a sample."""
     data = load_file(path, "--eval-checkpoint")
@@ -1342,11 +1613,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise UsageError("--eval-checkpoint plays in one process; run it with python, not torchrun")
             check_args(args)
             folder = os.path.basename(os.path.dirname(os.path.abspath(args.eval_checkpoint)))
-            returns, seed = evaluate(args.eval_checkpoint, args.eval_episodes, args.eval_seed, args.eval_deterministic,
-                                     os.path.join("videos", "eval-" + folder) if args.capture_video else None)
+            returns, seed = evaluate(
+                args.eval_checkpoint,
+                args.eval_episodes,
+                args.eval_seed,
+                args.eval_deterministic,
+                os.path.join("videos", "eval-" + folder) if args.capture_video else None,
+            )
             mode = "deterministic actions" if args.eval_deterministic else "actions sampled from the policy"
-            print(f"{len(returns)} episodes ({mode}, env seed {seed}): return {returns.mean():.2f} +- "
-                  f"{returns.std():.2f} (min {returns.min():.1f}, max {returns.max():.1f})")
+            print(
+                f"{len(returns)} episodes ({mode}, env seed {seed}): return {returns.mean():.2f} +- "
+                f"{returns.std():.2f} (min {returns.min():.1f}, max {returns.max():.1f})"
+            )
             return 0
         result = train(args)
     except (UsageError, RunError) as e:

@@ -42,9 +42,23 @@ class Args:
 
 def run(args: Args, backend: str, seed: int) -> dict:
     folder = tempfile.mkdtemp()  # a new folder for each run: the script refuses a run folder that exists
-    cmd = python(os.path.join(ROOT, "ppo_atari.py"), "--env-id", args.env_id, "--env-backend", backend, "--seed", seed,
-                 "--total-timesteps", args.total_timesteps, "--run-name", "run", "--no-progress",
-                 "--checkpoint-minutes", 0, "--cuda" if args.cuda else "--no-cuda")
+    cmd = python(
+        os.path.join(ROOT, "ppo_atari.py"),
+        "--env-id",
+        args.env_id,
+        "--env-backend",
+        backend,
+        "--seed",
+        seed,
+        "--total-timesteps",
+        args.total_timesteps,
+        "--run-name",
+        "run",
+        "--no-progress",
+        "--checkpoint-minutes",
+        0,
+        "--cuda" if args.cuda else "--no-cuda",
+    )
     out = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"error: {backend} (seed {seed}) failed:\n{out.stderr[-2000:]}")
@@ -52,12 +66,19 @@ def run(args: Args, backend: str, seed: int) -> dict:
         summary = json.load(f)
     with open(os.path.join(folder, "runs", "run", "episodes.csv")) as f:
         rows = [line.split(",") for line in f.read().splitlines()[1:]]
-    return dict(backend=backend, seed=seed, sps=summary["sps"], final=summary["final_return"],
-                steps=[int(r[0]) for r in rows], returns=[float(r[2]) for r in rows])
+    return dict(
+        backend=backend,
+        seed=seed,
+        sps=summary["sps"],
+        final=summary["final_return"],
+        steps=[int(r[0]) for r in rows],
+        returns=[float(r[2]) for r in rows],
+    )
 
 
 def main(args: Args) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -66,15 +87,24 @@ def main(args: Args) -> None:
     for seed in args.seeds:
         for backend in BACKENDS:
             runs.append(run(args, backend, seed))
-            print(f"seed {seed}, {backend}: final return {runs[-1]['final']:.2f}, {runs[-1]['sps']:,.0f} steps/s",
-                  flush=True)
+            print(
+                f"seed {seed}, {backend}: final return {runs[-1]['final']:.2f}, {runs[-1]['sps']:,.0f} steps/s",
+                flush=True,
+            )
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(runs, f)
-    lines = [f"# ppo_atari.py: each env backend on {args.env_id}, {args.total_timesteps:,} steps", "",
-             f"One run after the other on {machine(args.cuda)}; final return: the mean of the last {WINDOW} episodes "
-             "(the game score over all lives), steps/s over the whole run.", "",
-             "| backend | seed | final return | episodes | steps/s |", "|---|---|---|---|---|"]
-    lines += [f"| {r['backend']} | {r['seed']} | {r['final']:.2f} | {len(r['returns'])} | {r['sps']:,.0f} |" for r in runs]
+    lines = [
+        f"# ppo_atari.py: each env backend on {args.env_id}, {args.total_timesteps:,} steps",
+        "",
+        f"One run after the other on {machine(args.cuda)}; final return: the mean of the last {WINDOW} episodes "
+        "(the game score over all lives), steps/s over the whole run.",
+        "",
+        "| backend | seed | final return | episodes | steps/s |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['backend']} | {r['seed']} | {r['final']:.2f} | {len(r['returns'])} | {r['sps']:,.0f} |" for r in runs
+    ]
     sps = {b: np.mean([r["sps"] for r in runs if r["backend"] == b]) for b in BACKENDS}
     lines += ["", f"ale-vector / gymnasium: {sps['ale-vector'] / sps['gymnasium']:.2f}x steps per second.", ""]
     with open(os.path.join(args.out, "results.md"), "w") as f:
@@ -82,8 +112,12 @@ def main(args: Args) -> None:
     print("\n".join(lines))
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in runs:
-        ax.plot(r["steps"], rolling_mean(r["returns"], WINDOW), color=f"C{BACKENDS.index(r['backend'])}",
-                label=f"{r['backend']} (seed {r['seed']})")
+        ax.plot(
+            r["steps"],
+            rolling_mean(r["returns"], WINDOW),
+            color=f"C{BACKENDS.index(r['backend'])}",
+            label=f"{r['backend']} (seed {r['seed']})",
+        )
     ax.set(title=args.env_id, xlabel="env steps", ylabel=f"return (mean of the last {WINDOW} episodes)")
     ax.legend()
     fig.tight_layout()

@@ -25,12 +25,21 @@ class Suite:
 
 
 SUITES = {
-    "classic": Suite("ppo_discrete", ("CartPole-v1", "Acrobot-v1", "MountainCar-v0", "LunarLander-v3"), 500_000,
-                     checkpoint_every=50),
-    "mujoco": Suite("ppo_continuous", ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "InvertedPendulum-v5"), 1_000_000,
-                    checkpoint_every=10),
-    "atari": Suite("ppo_atari", ("BreakoutNoFrameskip-v4", "PongNoFrameskip-v4", "BeamRiderNoFrameskip-v4"), 10_000_000,
-                   checkpoint_every=100),
+    "classic": Suite(
+        "ppo_discrete", ("CartPole-v1", "Acrobot-v1", "MountainCar-v0", "LunarLander-v3"), 500_000, checkpoint_every=50
+    ),
+    "mujoco": Suite(
+        "ppo_continuous",
+        ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "InvertedPendulum-v5"),
+        1_000_000,
+        checkpoint_every=10,
+    ),
+    "atari": Suite(
+        "ppo_atari",
+        ("BreakoutNoFrameskip-v4", "PongNoFrameskip-v4", "BeamRiderNoFrameskip-v4"),
+        10_000_000,
+        checkpoint_every=100,
+    ),
 }
 
 
@@ -57,5 +66,5 @@ def run_name(env_id: str, seed: int) -> str:
 def rolling_mean(x, window: int) -> np.ndarray:
     """Trailing mean of the last `window` values; the first window - 1 entries average what there is so far."""
     x = np.asarray(x, dtype=float)
-    sums = np.convolve(x, np.ones(window))[:len(x)]
+    sums = np.convolve(x, np.ones(window))[: len(x)]
     return sums / np.minimum(np.arange(1, len(x) + 1), window)

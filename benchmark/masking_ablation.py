@@ -69,8 +69,10 @@ if "Lock-v0" not in gym.registry:
     gym.register("Lock-v0", entry_point=Lock, max_episode_steps=50)
 
 # The budget of each env and the mean return that counts as learned.
-ENVS = {"Lock-v0": dict(total_timesteps=100_000, threshold=0.9),
-        "Taxi-v4": dict(total_timesteps=500_000, threshold=0.0)}
+ENVS = {
+    "Lock-v0": dict(total_timesteps=100_000, threshold=0.9),
+    "Taxi-v4": dict(total_timesteps=500_000, threshold=0.0),
+}
 
 
 @dataclass
@@ -88,8 +90,17 @@ def run(env_id: str, seed: int, masks: bool) -> dict:
     cwd = os.getcwd()
     os.chdir(tempfile.mkdtemp())  # a new folder for each run: the script refuses a run folder that exists
     try:
-        result = ppo.train(ppo.Args(env_id=env_id, seed=seed, action_masks=masks, progress=False, checkpoint_minutes=0,
-                                    total_timesteps=ENVS[env_id]["total_timesteps"], run_name="run"))
+        result = ppo.train(
+            ppo.Args(
+                env_id=env_id,
+                seed=seed,
+                action_masks=masks,
+                progress=False,
+                checkpoint_minutes=0,
+                total_timesteps=ENVS[env_id]["total_timesteps"],
+                run_name="run",
+            )
+        )
     finally:
         os.chdir(cwd)
     episodes = result["episodes"]
@@ -98,7 +109,7 @@ def run(env_id: str, seed: int, masks: bool) -> dict:
 
 def steps_to(run: dict, threshold: float):
     """The env step at which the mean of the last WINDOW episode returns first reaches the threshold."""
-    rolling = rolling_mean(run["returns"], WINDOW)[WINDOW - 1:]
+    rolling = rolling_mean(run["returns"], WINDOW)[WINDOW - 1 :]
     hit = np.flatnonzero(rolling >= threshold)
     return None if len(hit) == 0 else int(run["steps"][hit[0] + WINDOW - 1])
 
@@ -109,11 +120,20 @@ def summarize(runs: dict) -> list[dict]:
         hits = [steps_to(r, ENVS[env_id]["threshold"]) for r in group]
         reached = [h for h in hits if h is not None]
         finals = [float(np.mean(r["returns"][-WINDOW:])) for r in group]
-        rows.append({"env_id": env_id, "masks": masks, "seeds": len(group), "threshold": ENVS[env_id]["threshold"],
-                     "steps_to_threshold": [h for h in hits], "reached": f"{len(reached)}/{len(group)}",
-                     "mean_steps_to_threshold": float(np.mean(reached)) if reached else None,
-                     "final_return_mean": float(np.mean(finals)), "final_return_std": float(np.std(finals)),
-                     "finals": finals})
+        rows.append(
+            {
+                "env_id": env_id,
+                "masks": masks,
+                "seeds": len(group),
+                "threshold": ENVS[env_id]["threshold"],
+                "steps_to_threshold": [h for h in hits],
+                "reached": f"{len(reached)}/{len(group)}",
+                "mean_steps_to_threshold": float(np.mean(reached)) if reached else None,
+                "final_return_mean": float(np.mean(finals)),
+                "final_return_std": float(np.std(finals)),
+                "finals": finals,
+            }
+        )
     return rows
 
 
@@ -148,16 +168,22 @@ def plot(runs: dict, path: str) -> None:
 
 
 def write_markdown(rows: list[dict], path: str) -> None:
-    lines = ["# Invalid-action masking", "",
-             f"Threshold: the mean return of the last {WINDOW} episodes. Final return: the mean of the last {WINDOW} "
-             "episodes of a run, mean ± std (ddof 0) over seeds. Default options of ppo_discrete.py.", "",
-             "| env | masks | seeds | steps to threshold (each seed) | mean steps to threshold | final return |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "# Invalid-action masking",
+        "",
+        f"Threshold: the mean return of the last {WINDOW} episodes. Final return: the mean of the last {WINDOW} "
+        "episodes of a run, mean ± std (ddof 0) over seeds. Default options of ppo_discrete.py.",
+        "",
+        "| env | masks | seeds | steps to threshold (each seed) | mean steps to threshold | final return |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         each = ", ".join("-" if s is None else f"{s:,}" for s in r["steps_to_threshold"])
         mean = "-" if r["mean_steps_to_threshold"] is None else f"{r['mean_steps_to_threshold']:,.0f} ({r['reached']})"
-        lines.append(f"| {r['env_id']} (>= {r['threshold']:g}) | {'on' if r['masks'] else 'off'} | {r['seeds']} | {each} | "
-                     f"{mean} | {r['final_return_mean']:.2f} ± {r['final_return_std']:.2f} |")
+        lines.append(
+            f"| {r['env_id']} (>= {r['threshold']:g}) | {'on' if r['masks'] else 'off'} | {r['seeds']} | {each} | "
+            f"{mean} | {r['final_return_mean']:.2f} ± {r['final_return_std']:.2f} |"
+        )
     lines += ["", "![learning curves](curves.png)"]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -175,9 +201,12 @@ def main(args: Args) -> int:
             for seed in range(1, args.seeds + 1):
                 r = run(env_id, seed, masks)
                 runs.setdefault((env_id, masks), []).append(r)
-                print(f"{env_id} masks {'on ' if masks else 'off'} seed {seed}: final return "
-                      f"{np.mean(r['returns'][-WINDOW:]):.2f}, reached the threshold at "
-                      f"{steps_to(r, ENVS[env_id]['threshold'])}", flush=True)
+                print(
+                    f"{env_id} masks {'on ' if masks else 'off'} seed {seed}: final return "
+                    f"{np.mean(r['returns'][-WINDOW:]):.2f}, reached the threshold at "
+                    f"{steps_to(r, ENVS[env_id]['threshold'])}",
+                    flush=True,
+                )
     rows = summarize(runs)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(rows, f, indent=1)

@@ -53,32 +53,66 @@ def register_envs() -> None:
     if "CartPoleNoVel-v1" not in gym.registry:
         # CartPole: [x, x_dot, theta, theta_dot]; InvertedPendulum: [x, theta, x_dot, theta_dot].
         gym.register("CartPoleNoVel-v1", entry_point=lambda **kw: HideVelocities(gym.make("CartPole-v1", **kw), [0, 2]))
-        gym.register("InvertedPendulumNoVel-v5",
-                     entry_point=lambda **kw: HideVelocities(gym.make("InvertedPendulum-v5", **kw), [0, 1]))
+        gym.register(
+            "InvertedPendulumNoVel-v5",
+            entry_point=lambda **kw: HideVelocities(gym.make("InvertedPendulum-v5", **kw), [0, 1]),
+        )
 
 
 register_envs()
 
 # The runs of each part: (name, worker, env, options). "ours": the script's defaults plus the options.
 PARTS = {
-    "cartpole": dict(env_id="CartPoleNoVel-v1", total_timesteps=300_000, runs=[
-        ("ppo_discrete.py --lstm", "ours", dict(script="ppo_discrete", lstm=True)),
-        ("ppo_discrete.py", "ours", dict(script="ppo_discrete")),
-        # Our discrete defaults, mapped: 4 envs x 128 steps, 4 minibatches (of 128), 4 epochs, the same rates and
-        # coefficients, 64-64 tanh heads, LSTM 128. RecurrentPPO's own default: an LSTM for the actor and one for
-        # the critic (ours: one for both).
-        ("RecurrentPPO (sb3-contrib)", "sb3", dict(n_envs=4, n_steps=128, batch_size=128, n_epochs=4,
-                                                   learning_rate=2.5e-4, gamma=0.99, gae_lambda=0.95, clip_range=0.2,
-                                                   clip_range_vf=0.2, ent_coef=0.01, vf_coef=0.5, max_grad_norm=0.5,
-                                                   lstm_hidden_size=128)),
-    ]),
-    "pendulum": dict(env_id="InvertedPendulumNoVel-v5", total_timesteps=300_000, runs=[
-        ("ppo_continuous.py --lstm", "ours", dict(script="ppo_continuous", lstm=True)),
-        ("ppo_continuous.py", "ours", dict(script="ppo_continuous")),
-    ]),
-    "breakout": dict(env_id="BreakoutNoFrameskip-v4", total_timesteps=262_144, seeds=[1], runs=[
-        ("ppo_atari.py --lstm --frame-stack 1", "ours", dict(script="ppo_atari", lstm=True, frame_stack=1, cuda=False)),
-    ]),
+    "cartpole": dict(
+        env_id="CartPoleNoVel-v1",
+        total_timesteps=300_000,
+        runs=[
+            ("ppo_discrete.py --lstm", "ours", dict(script="ppo_discrete", lstm=True)),
+            ("ppo_discrete.py", "ours", dict(script="ppo_discrete")),
+            # Our discrete defaults, mapped: 4 envs x 128 steps, 4 minibatches (of 128), 4 epochs, the same rates and
+            # coefficients, 64-64 tanh heads, LSTM 128. RecurrentPPO's own default: an LSTM for the actor and one for
+            # the critic (ours: one for both).
+            (
+                "RecurrentPPO (sb3-contrib)",
+                "sb3",
+                dict(
+                    n_envs=4,
+                    n_steps=128,
+                    batch_size=128,
+                    n_epochs=4,
+                    learning_rate=2.5e-4,
+                    gamma=0.99,
+                    gae_lambda=0.95,
+                    clip_range=0.2,
+                    clip_range_vf=0.2,
+                    ent_coef=0.01,
+                    vf_coef=0.5,
+                    max_grad_norm=0.5,
+                    lstm_hidden_size=128,
+                ),
+            ),
+        ],
+    ),
+    "pendulum": dict(
+        env_id="InvertedPendulumNoVel-v5",
+        total_timesteps=300_000,
+        runs=[
+            ("ppo_continuous.py --lstm", "ours", dict(script="ppo_continuous", lstm=True)),
+            ("ppo_continuous.py", "ours", dict(script="ppo_continuous")),
+        ],
+    ),
+    "breakout": dict(
+        env_id="BreakoutNoFrameskip-v4",
+        total_timesteps=262_144,
+        seeds=[1],
+        runs=[
+            (
+                "ppo_atari.py --lstm --frame-stack 1",
+                "ours",
+                dict(script="ppo_atari", lstm=True, frame_stack=1, cuda=False),
+            ),
+        ],
+    ),
 }
 
 
@@ -100,13 +134,24 @@ def run_ours(env_id: str, seed: int, total: int, options: dict) -> dict:
     options = dict(options)
     module = load_script(options.pop("script"))
     os.chdir(tempfile.mkdtemp())
-    args = module.Args(env_id=env_id, seed=seed, total_timesteps=total, progress=False, checkpoint_minutes=0,
-                       run_name="bench", **options)
+    args = module.Args(
+        env_id=env_id,
+        seed=seed,
+        total_timesteps=total,
+        progress=False,
+        checkpoint_minutes=0,
+        run_name="bench",
+        **options,
+    )
     start = time.time()
     result = module.train(args)
     wall = time.time() - start
-    return dict(steps=result["episodes"]["steps"], returns=result["episodes"]["returns"], wall=wall,
-                global_step=result["global_step"])
+    return dict(
+        steps=result["episodes"]["steps"],
+        returns=result["episodes"]["returns"],
+        wall=wall,
+        global_step=result["global_step"],
+    )
 
 
 def run_sb3(env_id: str, seed: int, total: int, h: dict) -> dict:
@@ -129,11 +174,19 @@ def run_sb3(env_id: str, seed: int, total: int, h: dict) -> dict:
 
     h, lr = dict(h), h["learning_rate"]
     h.pop("learning_rate")
-    policy_kwargs = dict(net_arch=dict(pi=[64, 64], vf=[64, 64]), activation_fn=torch.nn.Tanh,
-                         lstm_hidden_size=h.pop("lstm_hidden_size"))
-    model = RecurrentPPO("MlpLstmPolicy", make_vec_env(env_id, n_envs=h.pop("n_envs"), seed=seed),
-                         learning_rate=lambda remaining: lr * remaining, seed=seed, device="cpu", verbose=0,
-                         policy_kwargs=policy_kwargs, **h)
+    policy_kwargs = dict(
+        net_arch=dict(pi=[64, 64], vf=[64, 64]), activation_fn=torch.nn.Tanh, lstm_hidden_size=h.pop("lstm_hidden_size")
+    )
+    model = RecurrentPPO(
+        "MlpLstmPolicy",
+        make_vec_env(env_id, n_envs=h.pop("n_envs"), seed=seed),
+        learning_rate=lambda remaining: lr * remaining,
+        seed=seed,
+        device="cpu",
+        verbose=0,
+        policy_kwargs=policy_kwargs,
+        **h,
+    )
     start = time.time()
     model.learn(total, callback=Record())
     wall = time.time() - start
@@ -156,33 +209,49 @@ def final(run: dict) -> float:
 
 def report(results: dict, out: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = ["# Recurrent policies (`--lstm`) where the observation hides the velocities", "",
-             "Final return: the mean of the last 100 training episodes of each run, mean ± std over seeds (each "
-             "seed's in brackets). Steps/s: whole-run env steps per second (a run's steps over its wall time), the "
-             "runs of a seed one right after the other on the same machine.", ""]
+    lines = [
+        "# Recurrent policies (`--lstm`) where the observation hides the velocities",
+        "",
+        "Final return: the mean of the last 100 training episodes of each run, mean ± std over seeds (each "
+        "seed's in brackets). Steps/s: whole-run env steps per second (a run's steps over its wall time), the "
+        "runs of a seed one right after the other on the same machine.",
+        "",
+    ]
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
     for ax, (part, runs) in zip(axes[0], results.items()):
-        lines += [f"## {part}: {PARTS[part]['env_id']}, {runs[0]['global_step']:,} steps", "",
-                  "| run | final return | steps/s |", "|---|---|---|"]
+        lines += [
+            f"## {part}: {PARTS[part]['env_id']}, {runs[0]['global_step']:,} steps",
+            "",
+            "| run | final return | steps/s |",
+            "|---|---|---|",
+        ]
         names = list(dict.fromkeys(r["name"] for r in runs))
         for name in names:
             mine = [r for r in runs if r["name"] == name]
             finals, sps = [final(r) for r in mine], [r["global_step"] / r["wall"] for r in mine]
             seeds = ", ".join(f"{f:.1f}" for f in finals)
-            lines.append(f"| {name} | {np.mean(finals):.1f} ± {np.std(finals):.1f} ({seeds}) | "
-                         f"{np.mean(sps):,.0f} |")
+            lines.append(f"| {name} | {np.mean(finals):.1f} ± {np.std(finals):.1f} ({seeds}) | {np.mean(sps):,.0f} |")
             for r in mine:
                 if r["returns"]:
-                    ax.plot(r["steps"], rolling_mean(r["returns"], WINDOW), color=f"C{names.index(name)}",
-                            label=name if r is mine[0] else None, alpha=0.8)
+                    ax.plot(
+                        r["steps"],
+                        rolling_mean(r["returns"], WINDOW),
+                        color=f"C{names.index(name)}",
+                        label=name if r is mine[0] else None,
+                        alpha=0.8,
+                    )
         if any(r["name"].startswith("RecurrentPPO") for r in runs):
             ours = [r["global_step"] / r["wall"] for r in runs if r["name"] == names[0]]
             theirs = [r["global_step"] / r["wall"] for r in runs if r["name"].startswith("RecurrentPPO")]
-            lines += ["", f"{names[0]} / RecurrentPPO: {np.mean(ours) / np.mean(theirs):.2f}x steps per second "
-                          f"(per seed: {', '.join(f'{a / b:.2f}x' for a, b in zip(ours, theirs))})."]
+            lines += [
+                "",
+                f"{names[0]} / RecurrentPPO: {np.mean(ours) / np.mean(theirs):.2f}x steps per second "
+                f"(per seed: {', '.join(f'{a / b:.2f}x' for a, b in zip(ours, theirs))}).",
+            ]
         lines.append("")
         ax.set(title=PARTS[part]["env_id"], xlabel="env steps", ylabel=f"return (mean of last {WINDOW} episodes)")
         ax.legend()
@@ -209,8 +278,11 @@ def main(args: Args) -> None:
         for seed in p.get("seeds", range(1, args.seeds + 1)):
             for name, worker, options in p["runs"]:
                 run = job(name, worker, p["env_id"], seed, total, options)
-                print(f"{part} seed {seed}: {name}: final return {final(run):.1f}, "
-                      f"{run['global_step'] / run['wall']:,.0f} steps/s", flush=True)
+                print(
+                    f"{part} seed {seed}: {name}: final return {final(run):.1f}, "
+                    f"{run['global_step'] / run['wall']:,.0f} steps/s",
+                    flush=True,
+                )
                 results[part].append(run)
                 with open(path, "w") as f:
                     json.dump(results, f)

@@ -124,8 +124,18 @@ class Runner:
         if os.path.exists(os.path.join(self.folder, ckpt)):
             # The checkpoint's options are the defaults: the run goes on exactly as it was started.
             return python(script_path(self.suite.script), "--resume", ckpt, *extra)
-        return python(script_path(self.suite.script), "--env-id", job.env_id, "--seed", job.seed,
-                      "--total-timesteps", self.total, "--run-name", job.name, *extra)
+        return python(
+            script_path(self.suite.script),
+            "--env-id",
+            job.env_id,
+            "--seed",
+            job.seed,
+            "--total-timesteps",
+            self.total,
+            "--run-name",
+            job.name,
+            *extra,
+        )
 
     def start(self, job: Job) -> None:
         run_dir = os.path.join(self.folder, "runs", job.name)
@@ -138,8 +148,15 @@ class Runner:
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
             # A session of its own: Ctrl-C reaches only the suite, which then stops each run exactly once.
-            job.proc = subprocess.Popen(cmd, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            job.proc = subprocess.Popen(
+                cmd,
+                cwd=self.folder,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         job.started = time.time()
         self.running.append(job)
         self.event(f"start {job.name}" + (" (resuming from its checkpoint)" if resume else ""))
@@ -173,8 +190,10 @@ class Runner:
         head = f"{self.args.suite}: {self.done}/{self.n_runs} runs done"
         head += f", {len(self.failed)} failed" if self.failed else ""
         top = Table.grid(padding=(0, 2))
-        top.add_row(ProgressBar(total=self.n_runs, completed=self.done + len(self.failed), width=30),
-                    Text(f"{head}, {len(self.running)} running"))
+        top.add_row(
+            ProgressBar(total=self.n_runs, completed=self.done + len(self.failed), width=30),
+            Text(f"{head}, {len(self.running)} running"),
+        )
         runs = Table(box=None, show_header=False, padding=(0, 2))
         for job in self.running:
             runs.add_row(job.name, latest_step(self.log_path(job)), duration(time.time() - job.started))
@@ -203,7 +222,9 @@ class Runner:
                 self.status_line()
             return True
         except KeyboardInterrupt:
-            self.event("stopping: each run finishes its update and writes a checkpoint (Ctrl-C again stops them at once)")
+            self.event(
+                "stopping: each run finishes its update and writes a checkpoint (Ctrl-C again stops them at once)"
+            )
             self.signal_all()
             while self.running:
                 try:
@@ -247,8 +268,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             with open(manifest) as f:
                 before = json.load(f)["total_timesteps"]
             if before != total:
-                return error(f"{folder} holds runs of {before:,} steps, not {total:,}; pass --total-timesteps {before} "
-                             f"to go on with them, or another --out")
+                return error(
+                    f"{folder} holds runs of {before:,} steps, not {total:,}; pass --total-timesteps {before} "
+                    f"to go on with them, or another --out"
+                )
         os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
         with open(manifest, "w") as f:
             json.dump({"suite": args.suite, "script": suite.script, "total_timesteps": total}, f, indent=1)
@@ -261,8 +284,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if len(todo) < len(jobs):
             runner.event(f"{len(jobs) - len(todo)} of the {len(jobs)} runs already finished; not running them again")
         if todo:
-            runner.event(f"{len(todo)} run{'s' * (len(todo) > 1)} of {total:,} steps with {suite.script}.py, {min(n_jobs, len(todo))} at a time, "
-                         f"in {folder}")
+            runner.event(
+                f"{len(todo)} run{'s' * (len(todo) > 1)} of {total:,} steps with {suite.script}.py, {min(n_jobs, len(todo))} at a time, "
+                f"in {folder}"
+            )
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops cleanly too
         try:
             if not runner.run(n_jobs):

@@ -47,8 +47,38 @@ class Run:
 
 # Student's t quantiles t(0.975, df) for a 95% interval of a mean from df + 1 seeds; beyond 30, the normal 1.96
 # is within 4% of the exact value.
-T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+T_975 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
 FEW_SEEDS = 5  # below this, say in the table that the interval is only a rough guide
 
 
@@ -121,19 +151,25 @@ def summarize(runs: list[Run], envs: list[str], references: dict[str, dict]) -> 
         finals = [r.final_return for r in group if not math.isnan(r.final_return)]
         lo, hi = t_interval(finals)
         ref = references.get(env, {})
-        rows.append({
-            "env_id": env, "seeds": len(group),
-            # std with ddof 0, like the reference figures
-            "final_return_mean": float(np.mean(finals)) if finals else math.nan,
-            "final_return_std": float(np.std(finals)) if finals else math.nan,
-            "ci95_low": lo, "ci95_high": hi,
-            "wall_time_s": float(np.mean([r.summary["time_s"] for r in group])),
-            "sps": float(np.mean([r.summary["sps"] for r in group])),
-            "steps_per_run": int(np.mean([r.summary["global_step"] for r in group])),
-            "total_steps": int(sum(r.summary["global_step"] for r in group)),
-            "ref_env": ref.get("reference_env") or "", "ref_mean": ref.get("mean"), "ref_std": ref.get("std"),
-            "ref_source": ref.get("source") or "",
-        })
+        rows.append(
+            {
+                "env_id": env,
+                "seeds": len(group),
+                # std with ddof 0, like the reference figures
+                "final_return_mean": float(np.mean(finals)) if finals else math.nan,
+                "final_return_std": float(np.std(finals)) if finals else math.nan,
+                "ci95_low": lo,
+                "ci95_high": hi,
+                "wall_time_s": float(np.mean([r.summary["time_s"] for r in group])),
+                "sps": float(np.mean([r.summary["sps"] for r in group])),
+                "steps_per_run": int(np.mean([r.summary["global_step"] for r in group])),
+                "total_steps": int(sum(r.summary["global_step"] for r in group)),
+                "ref_env": ref.get("reference_env") or "",
+                "ref_mean": ref.get("mean"),
+                "ref_std": ref.get("std"),
+                "ref_source": ref.get("source") or "",
+            }
+        )
     return rows
 
 
@@ -143,9 +179,26 @@ def write_csv(rows: list[dict], path: str) -> None:
             return ""
         return round(x, 4) if isinstance(x, float) else x
 
-    fields = list(rows[0]) if rows else ["env_id", "seeds", "final_return_mean", "final_return_std", "ci95_low", "ci95_high",
-                                         "wall_time_s", "sps", "steps_per_run", "total_steps", "ref_env", "ref_mean",
-                                         "ref_std", "ref_source"]
+    fields = (
+        list(rows[0])
+        if rows
+        else [
+            "env_id",
+            "seeds",
+            "final_return_mean",
+            "final_return_std",
+            "ci95_low",
+            "ci95_high",
+            "wall_time_s",
+            "sps",
+            "steps_per_run",
+            "total_steps",
+            "ref_env",
+            "ref_mean",
+            "ref_std",
+            "ref_source",
+        ]
+    )
     with open(path, "w", newline="") as f:
         out = csv.DictWriter(f, fieldnames=fields)
         out.writeheader()
@@ -156,30 +209,55 @@ def write_markdown(rows: list[dict], left_out: list[str], references: dict[str, 
     def num(x, fmt=".2f"):
         return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
-    lines = [f"# {title}", "",
-             f"Final return of a run: the mean of its last {LAST} episode returns. Over seeds: mean ± std (ddof 0, as the "
-             f"reference figures) and a 95% Student's t interval of the mean (mean ± t(0.975, n - 1) s / sqrt(n)); with "
-             f"fewer than {FEW_SEEDS} seeds the table says the interval is only a rough guide, and one seed has none. "
-             "Wall time, steps/s and steps per run are means over seeds.", ""]
+    lines = [
+        f"# {title}",
+        "",
+        f"Final return of a run: the mean of its last {LAST} episode returns. Over seeds: mean ± std (ddof 0, as the "
+        f"reference figures) and a 95% Student's t interval of the mean (mean ± t(0.975, n - 1) s / sqrt(n)); with "
+        f"fewer than {FEW_SEEDS} seeds the table says the interval is only a rough guide, and one seed has none. "
+        "Wall time, steps/s and steps per run are means over seeds.",
+        "",
+    ]
     if rows:
-        lines += ["| env | seeds | final return | 95% t interval | reference | wall time (s) | steps/s | steps per run | total steps |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| env | seeds | final return | 95% t interval | reference | wall time (s) | steps/s | steps per run | total steps |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             ref = "-" if r["ref_mean"] is None else f"{num(r['ref_mean'])} ± {num(r['ref_std'])} ({r['ref_env']})"
             interval = "-" if math.isnan(r["ci95_low"]) else f"[{num(r['ci95_low'])}, {num(r['ci95_high'])}]"
             if interval_note(r["seeds"]):
                 interval += f" ({interval_note(r['seeds'])})"
-            lines.append(f"| {r['env_id']} | {r['seeds']} | {num(r['final_return_mean'])} ± {num(r['final_return_std'])} | "
-                         f"{interval} | {ref} | {num(r['wall_time_s'], '.1f')} | "
-                         f"{num(r['sps'], ',.0f')} | {r['steps_per_run']:,} | {r['total_steps']:,} |")
-        sources = sorted({(references[r["env_id"]]["source"], references[r["env_id"]]["url"])
-                          for r in rows if references.get(r["env_id"], {}).get("mean") is not None})
+            lines.append(
+                f"| {r['env_id']} | {r['seeds']} | {num(r['final_return_mean'])} ± {num(r['final_return_std'])} | "
+                f"{interval} | {ref} | {num(r['wall_time_s'], '.1f')} | "
+                f"{num(r['sps'], ',.0f')} | {r['steps_per_run']:,} | {r['total_steps']:,} |"
+            )
+        sources = sorted(
+            {
+                (references[r["env_id"]]["source"], references[r["env_id"]]["url"])
+                for r in rows
+                if references.get(r["env_id"], {}).get("mean") is not None
+            }
+        )
         if sources:
-            lines += ["", "References: mean ± std over 3 seeds of the final returns published for "
-                      + "; ".join(f"[{s}]({u})" for s, u in sources) + ". The reference env is in brackets."]
-            lines += [f"- {r['env_id']}: {references[r['env_id']]['note']}" for r in rows
-                      if references.get(r["env_id"], {}).get("note")]
-        lines += ["", "![return against env steps](curves_steps.png)", "", "![return against wall time](curves_time.png)"]
+            lines += [
+                "",
+                "References: mean ± std over 3 seeds of the final returns published for "
+                + "; ".join(f"[{s}]({u})" for s, u in sources)
+                + ". The reference env is in brackets.",
+            ]
+            lines += [
+                f"- {r['env_id']}: {references[r['env_id']]['note']}"
+                for r in rows
+                if references.get(r["env_id"], {}).get("note")
+            ]
+        lines += [
+            "",
+            "![return against env steps](curves_steps.png)",
+            "",
+            "![return against wall time](curves_time.png)",
+        ]
     else:
         lines.append("No finished runs yet.")
     if left_out:
@@ -225,9 +303,11 @@ def plot_curves(runs: list[Run], envs: list[str], references: dict[str, dict], x
             ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.set_ylabel("episodic return")
         ax.legend(fontsize=7)
-    for ax in axes.flat[len(envs):]:
+    for ax in axes.flat[len(envs) :]:
         ax.remove()
-    fig.suptitle(f"{title}\nreturn: rolling mean of {SMOOTH} episodes; line: mean over seeds; band: min-max", fontsize=9)
+    fig.suptitle(
+        f"{title}\nreturn: rolling mean of {SMOOTH} episodes; line: mean over seeds; band: min-max", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -260,8 +340,10 @@ class Args:
 if __name__ == "__main__":
     args = tyro.cli(Args, description=__doc__.split("\n")[0])
     if not os.path.isdir(os.path.join(args.folder, "runs")):
-        print(f"error: {args.folder} has no runs/ folder; pass a suite's results folder, e.g. docs/results/classic",
-              file=sys.stderr)
+        print(
+            f"error: {args.folder} has no runs/ folder; pass a suite's results folder, e.g. docs/results/classic",
+            file=sys.stderr,
+        )
         sys.exit(2)
     write_report(args.folder, args.references)
     print(open(os.path.join(args.folder, "results.md")).read(), end="")

@@ -44,20 +44,33 @@ def run(env_id: str, seed: int, order: str, total: int) -> dict:
         result = ppo.train(ppo.Args(env_id=env_id, seed=seed, total_timesteps=total, progress=False, torch_threads=1))
     finally:
         ppo.ScaleReward.step = reference
-    return {"env_id": env_id, "seed": seed, "order": order,
-            "final_return": float(np.mean(result["episodes"]["returns"][-100:]))}
+    return {
+        "env_id": env_id,
+        "seed": seed,
+        "order": order,
+        "final_return": float(np.mean(result["episodes"]["returns"][-100:])),
+    }
 
 
 def main(args: Args) -> None:
-    jobs = [(env, seed, order) for env in args.envs for seed in range(1, args.seeds + 1)
-            for order in ("reference", "gymnasium")]
+    jobs = [
+        (env, seed, order)
+        for env in args.envs
+        for seed in range(1, args.seeds + 1)
+        for order in ("reference", "gymnasium")
+    ]
     with ProcessPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(run, *zip(*jobs), [args.total_timesteps] * len(jobs)))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "runs.json"), "w") as f:
         json.dump(runs, f, indent=1)
-    lines = [f"# Reward scaling: the reference's order against gymnasium's ({args.total_timesteps:,} steps, seeds "
-             f"1-{args.seeds})", "", "| env | reference order (ours) | gymnasium's order |", "|---|---|---|"]
+    lines = [
+        f"# Reward scaling: the reference's order against gymnasium's ({args.total_timesteps:,} steps, seeds "
+        f"1-{args.seeds})",
+        "",
+        "| env | reference order (ours) | gymnasium's order |",
+        "|---|---|---|",
+    ]
     for env in args.envs:
         cells = []
         for order in ("reference", "gymnasium"):

@@ -73,9 +73,18 @@ def steady_rate(run_dir: str) -> Optional[float]:
 
 def run(bench: Bench, flags: list[str]) -> dict:
     folder = tempfile.mkdtemp()  # a new folder for each mode: the script refuses a run folder that exists
-    cmd = python(os.path.join(ROOT, SCRIPTS[bench.algo] + ".py"), "--total-timesteps", bench.total_timesteps,
-                 "--run-name", "mode", "--no-progress", "--checkpoint-minutes", 0,
-                 *(["--num-envs", bench.num_envs] if bench.num_envs else []), *flags)
+    cmd = python(
+        os.path.join(ROOT, SCRIPTS[bench.algo] + ".py"),
+        "--total-timesteps",
+        bench.total_timesteps,
+        "--run-name",
+        "mode",
+        "--no-progress",
+        "--checkpoint-minutes",
+        0,
+        *(["--num-envs", bench.num_envs] if bench.num_envs else []),
+        *flags,
+    )
     out = subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"error: {' '.join(flags)} failed:\n{out.stderr[-2000:]}")
@@ -94,8 +103,14 @@ def main(bench: Bench) -> int:
     print(f"{SCRIPTS[bench.algo]}.py, {bench.total_timesteps:,} steps per run, on {machine(bench.cuda)}\n")
     rows = []
     for envs, compiled, bf16 in modes:
-        flags = device + {"one process": ["--no-async-envs"], "a process each": ["--async-envs"],
-                          "ale-vector threads": ["--env-backend", "ale-vector"]}[envs]
+        flags = (
+            device
+            + {
+                "one process": ["--no-async-envs"],
+                "a process each": ["--async-envs"],
+                "ale-vector threads": ["--env-backend", "ale-vector"],
+            }[envs]
+        )
         flags += ["--compile"] if compiled else []
         flags += ["--bf16"] if bf16 else []
         result = run(bench, flags)
@@ -105,8 +120,10 @@ def main(bench: Bench) -> int:
     print("|---|---|---|---|---|")
     for envs, compiled, bf16, r in rows:
         steady = "-" if r["steady"] is None else f"{r['steady']:,.0f}"
-        print(f"| {envs} | {'compiled' if compiled else 'eager'} | "
-              f"{'bf16' if bf16 else 'fp32'} | {r['sps']:,.0f} | {steady} |")
+        print(
+            f"| {envs} | {'compiled' if compiled else 'eager'} | "
+            f"{'bf16' if bf16 else 'fp32'} | {r['sps']:,.0f} | {steady} |"
+        )
     return 0
 
 

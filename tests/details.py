@@ -40,8 +40,10 @@ def read_map(path: str = os.path.join(ROOT, "DETAILS.md")) -> dict[str, list[dic
 
 def row_id(row: dict) -> str:
     """The row's name in tests/breaks.py: the longest key its detail starts with (else the detail up to a colon)."""
-    return next((key for key in sorted(BREAKS, key=len, reverse=True) if row["detail"].startswith(key)),
-                row["detail"].split(":")[0])
+    return next(
+        (key for key in sorted(BREAKS, key=len, reverse=True) if row["detail"].startswith(key)),
+        row["detail"].split(":")[0],
+    )
 
 
 def modules(row: dict) -> list[str]:
@@ -53,7 +55,7 @@ def modules(row: dict) -> list[str]:
 def names(row: dict) -> list[str]:
     """The functions (and classes, methods) `where` names, without the scripts."""
     named = SCRIPT_NAMES.match(row["where"])
-    return BACKTICKED.findall(row["where"][named.end() if named else 0:])
+    return BACKTICKED.findall(row["where"][named.end() if named else 0 :])
 
 
 def checks_of(row: dict) -> list[str]:

@@ -31,6 +31,7 @@ if os.environ.get("SAME_ACTIONS"):  # the most likely action instead of a sample
         ppo.sample = lambda logits: logits.argmax(-1)
     else:  # ppo_continuous.py: the mean plus half a std (at the mean itself, the mean's policy gradient is 0)
         act = ppo.Agent.act
+
         def mean_plus_half_std(agent, obs, state=None, goes_on=True, deterministic=False):
             action, state = act(agent, obs, state, goes_on, True)
             return action + 0.5 * agent.actor_logstd.exp(), state
@@ -66,10 +67,17 @@ train = ppo.train
 def train_and_record(args, stop_at_step=None):
     stop = os.environ.get("STOP_AT")
     result = train(args, stop_at_step=int(stop) if stop else None)
-    torch.save({"model": result["agent"].state_dict(), "global_step": result["global_step"],
-                "episodes": len(result["episodes"]["returns"]), "obs_rms": result["env_stats"].get("obs_rms"),
-                "minibatch_size": args.minibatch_size, "world_size": args.world_size},
-               os.path.join(out, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "model": result["agent"].state_dict(),
+            "global_step": result["global_step"],
+            "episodes": len(result["episodes"]["returns"]),
+            "obs_rms": result["env_stats"].get("obs_rms"),
+            "minibatch_size": args.minibatch_size,
+            "world_size": args.world_size,
+        },
+        os.path.join(out, f"rank{rank}.pt"),
+    )
     return result
 
 

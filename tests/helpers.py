@@ -41,8 +41,13 @@ class ConstantEnv(gym.Env):
         self.t += 1
         self.total += 1
         reward = float("nan") if 0 <= self.nan_after <= self.total else 1.0
-        return np.zeros(self.observation_space.shape, np.float32), reward, self.terminate and self.t >= self.length, \
-            False, {}
+        return (
+            np.zeros(self.observation_space.shape, np.float32),
+            reward,
+            self.terminate and self.t >= self.length,
+            False,
+            {},
+        )
 
 
 class ClockEnv(gym.Env):
@@ -113,12 +118,24 @@ class StrictMaskEnv(gym.Env):
     observation of an episode allows no action, as a game over does. start: the actions start there (Discrete). Not strict:
     any action is taken."""
 
-    def __init__(self, nvec=(5,), dict_obs=False, empty_mask=False, empty_final=False, start=0, masks_at_reset=True,
-                 strict=True, episode=10):
+    def __init__(
+        self,
+        nvec=(5,),
+        dict_obs=False,
+        empty_mask=False,
+        empty_final=False,
+        start=0,
+        masks_at_reset=True,
+        strict=True,
+        episode=10,
+    ):
         self.nvec, self.dict_obs, self.empty_mask, self.empty_final = list(nvec), dict_obs, empty_mask, empty_final
         self.start, self.masks_at_reset, self.strict, self.episode = start, masks_at_reset, strict, episode
-        self.action_space = gym.spaces.Discrete(nvec[0], start=start) if len(nvec) == 1 else \
-            gym.spaces.MultiDiscrete(nvec, start=[start] * len(nvec))
+        self.action_space = (
+            gym.spaces.Discrete(nvec[0], start=start)
+            if len(nvec) == 1
+            else gym.spaces.MultiDiscrete(nvec, start=[start] * len(nvec))
+        )
         vector = gym.spaces.Box(-1.0, 1.0, (N_OBS,), np.float32)
         mask_space = gym.spaces.MultiBinary(sum(self.nvec))
         self.observation_space = gym.spaces.Dict({"obs": vector, "action_mask": mask_space}) if dict_obs else vector
@@ -132,7 +149,7 @@ class StrictMaskEnv(gym.Env):
         self.mask = np.concatenate(groups).astype(np.int8)
         if self.empty_mask or (self.empty_final and self.t >= self.episode):
             self.mask[:] = 0
-        vector = np.concatenate([[self.t / self.episode], self.mask[:N_OBS - 1]]).astype(np.float32)
+        vector = np.concatenate([[self.t / self.episode], self.mask[: N_OBS - 1]]).astype(np.float32)
         return ({"obs": vector, "action_mask": self.mask} if self.dict_obs else vector), {"action_mask": self.mask}
 
     def reset(self, *, seed=None, options=None):
@@ -146,7 +163,7 @@ class StrictMaskEnv(gym.Env):
         start, reward = 0, 0.0
         for a, n in zip(action, self.nvec):
             assert 0 <= a < n, f"action {a + self.start} not in the action space"
-            group = self.mask[start:start + n]
+            group = self.mask[start : start + n]
             assert group[a] or not self.strict, f"invalid action {a} of {n} under mask {group}"
             reward += float(a == np.flatnonzero(group)[0])
             start += n
@@ -163,8 +180,9 @@ class CueEnv(gym.Env):
 
     def __init__(self, continuous=False, image=0):
         self.image = image
-        self.observation_space = gym.spaces.Box(0, 255, (image, 84, 84), np.uint8) if image else \
-            gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.observation_space = (
+            gym.spaces.Box(0, 255, (image, 84, 84), np.uint8) if image else gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+        )
         self.action_space = gym.spaces.Discrete(4) if image else action_space(continuous)
 
     def obs(self, cue):
@@ -199,25 +217,39 @@ def register_test_envs() -> None:
         gym.register(f"TestLevels{c}-v0", entry_point=LevelEnv, kwargs={"continuous": continuous})
         gym.register(f"TestClock{c}-v0", entry_point=ClockEnv, kwargs={"continuous": continuous}, max_episode_steps=10)
         gym.register(f"TestTerminate{c}-v0", entry_point=ConstantEnv, kwargs={"continuous": continuous})
-        gym.register(f"TestNaN{c}-v0", entry_point=ConstantEnv, kwargs={"length": 20, "nan_after": 3000,
-                                                                       "continuous": continuous})
+        gym.register(
+            f"TestNaN{c}-v0",
+            entry_point=ConstantEnv,
+            kwargs={"length": 20, "nan_after": 3000, "continuous": continuous},
+        )
         for fault in ("crash", "shape", "nan"):
-            gym.register(f"Test{fault.title()}{c}-v0", entry_point=FaultyEnv,
-                         kwargs={"fault": fault, "continuous": continuous})
-    gym.register("TestTruncate-v0", entry_point=ConstantEnv, kwargs={"length": 10, "terminate": False},
-                 max_episode_steps=10)
+            gym.register(
+                f"Test{fault.title()}{c}-v0", entry_point=FaultyEnv, kwargs={"fault": fault, "continuous": continuous}
+            )
+    gym.register(
+        "TestTruncate-v0", entry_point=ConstantEnv, kwargs={"length": 10, "terminate": False}, max_episode_steps=10
+    )
     gym.register("TestImage-v0", entry_point=ConstantEnv, kwargs={"obs_shape": (8, 8, 3)})
     gym.register("TestCue-v0", entry_point=CueEnv)
     gym.register("TestCueContinuous-v0", entry_point=CueEnv, kwargs={"continuous": True})
     gym.register("TestUnbounded-v0", entry_point=UnboundedEnv)
     # Breakout cut by a time limit of 100 emulator frames (about 17 agent steps after the no-ops and FIRE).
-    gym.register("TestBreakoutCut-v0", entry_point="ale_py.env:AtariEnv", max_episode_steps=100,
-                 kwargs=dict(game="breakout", obs_type="rgb", frameskip=1, repeat_action_probability=0.0))
-    for name, kwargs in {"TestMasked-v0": {}, "TestMaskedDict-v0": {"dict_obs": True},
-                         "TestMaskedMulti-v0": {"nvec": (3, 5, 2)}, "TestEmptyMask-v0": {"empty_mask": True},
-                         "TestGameOver-v0": {"empty_final": True}, "TestStart-v0": {"start": -2, "nvec": (3,)},
-                         "TestStartMulti-v0": {"start": 1, "nvec": (3, 2)},
-                         "TestLateMasks-v0": {"masks_at_reset": False, "strict": False}}.items():
+    gym.register(
+        "TestBreakoutCut-v0",
+        entry_point="ale_py.env:AtariEnv",
+        max_episode_steps=100,
+        kwargs=dict(game="breakout", obs_type="rgb", frameskip=1, repeat_action_probability=0.0),
+    )
+    for name, kwargs in {
+        "TestMasked-v0": {},
+        "TestMaskedDict-v0": {"dict_obs": True},
+        "TestMaskedMulti-v0": {"nvec": (3, 5, 2)},
+        "TestEmptyMask-v0": {"empty_mask": True},
+        "TestGameOver-v0": {"empty_final": True},
+        "TestStart-v0": {"start": -2, "nvec": (3,)},
+        "TestStartMulti-v0": {"start": 1, "nvec": (3, 2)},
+        "TestLateMasks-v0": {"masks_at_reset": False, "strict": False},
+    }.items():
         gym.register(name, entry_point=StrictMaskEnv, kwargs=kwargs)
 
 
@@ -236,10 +268,12 @@ def box(*shape: int) -> gym.spaces.Box:
 # ----------------------------------------------------------------------------------------------------
 TINY = {  # a few seconds each
     "ppo_discrete": dict(env_id="CartPole-v1", total_timesteps=512, num_envs=2, num_steps=64, num_minibatches=2),
-    "ppo_continuous": dict(env_id="InvertedPendulum-v5", total_timesteps=512, num_envs=1, num_steps=128,
-                           num_minibatches=2),
-    "ppo_atari": dict(env_id="BreakoutNoFrameskip-v4", total_timesteps=128, num_envs=2, num_steps=32,
-                      num_minibatches=2, cuda=False),
+    "ppo_continuous": dict(
+        env_id="InvertedPendulum-v5", total_timesteps=512, num_envs=1, num_steps=128, num_minibatches=2
+    ),
+    "ppo_atari": dict(
+        env_id="BreakoutNoFrameskip-v4", total_timesteps=128, num_envs=2, num_steps=32, num_minibatches=2, cuda=False
+    ),
 }
 
 
@@ -259,13 +293,19 @@ def tiny_argv(ppo, **kw) -> list[str]:
 
 def run_script(script: str, *args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
     """Run `python <script> args...` in the current folder, as a user would."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                          timeout=timeout, **popen)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True, timeout=timeout, **popen
+    )
 
 
 def start_script(script: str, *args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def same_params(a: dict, b: dict) -> bool:

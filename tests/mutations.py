@@ -25,10 +25,19 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from details import ROOT, SCRIPTS, break_of, modules, read_map, row_id, checks_of  # noqa: E402
+from details import ROOT, SCRIPTS, break_of, checks_of, modules, read_map, row_id  # noqa: E402
 
 PART_B = "\n# Part B: running the experiment\n"
-COPIED = ("ppo_discrete.py", "ppo_continuous.py", "ppo_atari.py", "README.md", "DETAILS.md", "docs", "tests", "benchmark")
+COPIED = (
+    "ppo_discrete.py",
+    "ppo_continuous.py",
+    "ppo_atari.py",
+    "README.md",
+    "DETAILS.md",
+    "docs",
+    "tests",
+    "benchmark",
+)
 
 
 def all_rows() -> list[dict]:
@@ -53,8 +62,11 @@ def in_part_b(row: dict) -> bool:
 
 def cases(rows: list[dict]) -> list[tuple[dict, str]]:
     """(row, script) pairs to check; script None makes the break in all the row's scripts at once (Part B)."""
-    return [(row, None if in_part_b(row) else script) for row in rows
-            for script in (break_files(row)[:1] if in_part_b(row) else break_files(row))]
+    return [
+        (row, None if in_part_b(row) else script)
+        for row in rows
+        for script in (break_files(row)[:1] if in_part_b(row) else break_files(row))
+    ]
 
 
 def case_id(row: dict, script: str = None) -> str:
@@ -109,8 +121,13 @@ class Zygote:
     """A process that has imported the heavy libraries, and forks a child to run each case's tests."""
 
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        )
 
     def run(self, root: str, args: list[str]) -> int:
         self.proc.stdin.write(json.dumps({"root": root, "args": args}) + "\n")
@@ -179,11 +196,17 @@ def main(argv=None) -> int:
         return 0
     survived, todo = [], cases(rows)
     for i, ((row, script), (caught, seconds, tail)) in enumerate(check_all(todo, args.jobs), 1):
-        print(f"[{i}/{len(todo)}] {'caught  ' if caught else 'SURVIVED'} {case_id(row, script)} ({seconds:.0f} s)\n"
-              f"    {tail.splitlines()[0] if tail else ''}", flush=True)
+        print(
+            f"[{i}/{len(todo)}] {'caught  ' if caught else 'SURVIVED'} {case_id(row, script)} ({seconds:.0f} s)\n"
+            f"    {tail.splitlines()[0] if tail else ''}",
+            flush=True,
+        )
         if not caught:
             survived.append(case_id(row, script))
-    print(f"{len(todo) - len(survived)} of {len(todo)} breaks caught" + (f"; survived: {', '.join(survived)}" if survived else ""))
+    print(
+        f"{len(todo) - len(survived)} of {len(todo)} breaks caught"
+        + (f"; survived: {', '.join(survived)}" if survived else "")
+    )
     return 1 if survived else 0
 
 

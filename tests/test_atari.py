@@ -13,8 +13,16 @@ from helpers import assert_bad_input, same_params
 
 
 def tiny(**kw) -> ppo.Args:
-    base = dict(total_timesteps=256, num_envs=2, num_steps=32, num_minibatches=2, update_epochs=1, progress=False,
-                run_name="tiny", cuda=False)
+    base = dict(
+        total_timesteps=256,
+        num_envs=2,
+        num_steps=32,
+        num_minibatches=2,
+        update_epochs=1,
+        progress=False,
+        run_name="tiny",
+        cuda=False,
+    )
     return ppo.Args(**{**base, **kw})
 
 
@@ -98,8 +106,6 @@ def test_a_lost_life_ends_the_episode_for_learning_only(backend, monkeypatch):
     assert (dones >= terminations).all()
 
 
-
-
 def test_resume_mid_game_is_exact(in_tmp_dir):
     # The emulator's state (and its random generator, which drives sticky actions) and the no-op generator come back.
     straight = ppo.train(tiny(run_name="straight"))
@@ -109,14 +115,10 @@ def test_resume_mid_game_is_exact(in_tmp_dir):
     assert same_params(straight["agent"].state_dict(), resumed["agent"].state_dict())
 
 
-
-
-
 def test_bfloat16_autocast_trains():
     result = ppo.train(tiny(bf16=True, run_name="bf16"))
     assert result["global_step"] == 256
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in result["agent"].parameters())
-
 
 
 def find_wrapper(env, kind):
@@ -157,7 +159,6 @@ def test_one_step_plays_4_frames_and_sees_the_max_of_the_last_two():
     assert not np.array_equal(obs[-1], shrink(screens[3]))  # the max matters here: the ball moved
 
 
-
 def test_fire_is_pressed_after_a_lost_life():
     class Recorder(gym.Wrapper):
         def __init__(self, env):
@@ -188,8 +189,10 @@ def test_fire_is_pressed_after_a_lost_life():
 # --env-backend ale-vector: ale-py's threaded vector env
 # ----------------------------------------------------------------------------------------------------
 def test_the_ale_vector_backend_sees_what_the_reference_preprocessing_sees():
-    made = {backend: ppo.make_envs(ppo.Args(env_backend=backend, async_envs=False), 2)
-            for backend in ("gymnasium", "ale-vector")}
+    made = {
+        backend: ppo.make_envs(ppo.Args(env_backend=backend, async_envs=False), 2)
+        for backend in ("gymnasium", "ale-vector")
+    }
     assert isinstance(made["ale-vector"].unwrapped, ppo.AleVectorEnv)
     frames = {}
     for backend, envs in made.items():
@@ -218,8 +221,19 @@ def test_a_run_with_ale_vector_resumes_with_new_episodes_and_says_so(in_tmp_dir,
 
 
 def test_ale_vector_refuses_video_in_one_line(in_tmp_dir, capsys):
-    argv = ["--env-backend", "ale-vector", "--capture-video", "--total-timesteps", "256", "--num-envs", "2",
-            "--num-steps", "32", "--no-cuda"]
-    assert_bad_input(ppo.main, argv, "--capture-video records through gymnasium's wrappers; leave --env-backend at "
-                     "gymnasium", capsys)
+    argv = [
+        "--env-backend",
+        "ale-vector",
+        "--capture-video",
+        "--total-timesteps",
+        "256",
+        "--num-envs",
+        "2",
+        "--num-steps",
+        "32",
+        "--no-cuda",
+    ]
+    assert_bad_input(
+        ppo.main, argv, "--capture-video records through gymnasium's wrappers; leave --env-backend at gymnasium", capsys
+    )
     assert not os.listdir("runs")  # nothing started, nothing left behind

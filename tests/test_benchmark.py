@@ -23,8 +23,12 @@ TINY = ["--envs", "CartPole-v1", "--total-timesteps", "1024", "--jobs", "1"]
 
 
 def run_returns(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "returns.py"), *args], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmark", "returns.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def read_csv(path: str) -> dict[str, dict]:
@@ -86,9 +90,21 @@ def fake_run(folder, name, env_id, seed, final, global_step=1000, total=1000, ti
         out.writerow(["global_step", "time_s", "return", "length"])
         out.writerows((s, round(time_s * s / global_step, 3), r, 20) for s, r in zip(steps, returns))
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump({"script": "ppo_discrete", "env_id": env_id, "seed": seed, "global_step": global_step,
-                   "total_timesteps": total, "finished": global_step >= total, "time_s": time_s, "sps": global_step / time_s, "episodes": episodes,
-                   "final_return": final}, f)
+        json.dump(
+            {
+                "script": "ppo_discrete",
+                "env_id": env_id,
+                "seed": seed,
+                "global_step": global_step,
+                "total_timesteps": total,
+                "finished": global_step >= total,
+                "time_s": time_s,
+                "sps": global_step / time_s,
+                "episodes": episodes,
+                "final_return": final,
+            },
+            f,
+        )
 
 
 def test_report_on_fabricated_runs(tmp_path):
@@ -199,8 +215,17 @@ def test_returns_benchmark_resumes_restarts_or_reports_each_unfinished_run(tmp_p
     monkeypatch.chdir(folder)
     # Seed 1: stopped halfway with a checkpoint, as Ctrl-C leaves it.
     ppo = common.load_script("ppo_discrete")
-    ppo.train(ppo.Args(env_id="CartPole-v1", seed=1, total_timesteps=1024, run_name="CartPole-v1__1", checkpoint_every=1,
-                       progress=False), stop_at_step=512)
+    ppo.train(
+        ppo.Args(
+            env_id="CartPole-v1",
+            seed=1,
+            total_timesteps=1024,
+            run_name="CartPole-v1__1",
+            checkpoint_every=1,
+            progress=False,
+        ),
+        stop_at_step=512,
+    )
     partial = report.read_episodes("runs/CartPole-v1__1/episodes.csv")
     # Seed 2: a checkpoint that cannot be read, so the run fails.
     os.makedirs("runs/CartPole-v1__2")

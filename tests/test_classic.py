@@ -10,8 +10,15 @@ from helpers import assert_bad_input, same_params
 
 
 def tiny(**kw) -> ppo.Args:
-    base = dict(total_timesteps=1024, num_envs=2, num_steps=64, num_minibatches=2, update_epochs=2, progress=False,
-                run_name="tiny")
+    base = dict(
+        total_timesteps=1024,
+        num_envs=2,
+        num_steps=64,
+        num_minibatches=2,
+        update_epochs=2,
+        progress=False,
+        run_name="tiny",
+    )
     return ppo.Args(**{**base, **kw})
 
 
@@ -31,7 +38,7 @@ def test_a_wrapper_added_in_make_env_applies_to_every_training_env(monkeypatch):
             return self.env.step(action)
 
     make_env = ppo.make_env
-    monkeypatch.setattr(ppo, "make_env", lambda *a, **kw: (lambda: Counting(make_env(*a, **kw)())))
+    monkeypatch.setattr(ppo, "make_env", lambda *a, **kw: lambda: Counting(make_env(*a, **kw)()))
     result = ppo.train(tiny())
     # Every step of the run went through the wrapper, but the steps that only reset an ended episode.
     assert result["global_step"] - len(result["episodes"]["returns"]) <= len(steps) <= result["global_step"]
@@ -40,8 +47,9 @@ def test_a_wrapper_added_in_make_env_applies_to_every_training_env(monkeypatch):
 def test_arguments_added_to_gym_make_in_make_env_apply_to_every_training_env(monkeypatch):
     # The same wrappers as gym.make(env_id) gives, but another time limit: the native vector env, which would keep
     # CartPole's 500 steps, must step aside as well.
-    monkeypatch.setattr(ppo, "make_env", lambda env_id, idx, video_dir=None: (
-        lambda: gym.make(env_id, max_episode_steps=5)))
+    monkeypatch.setattr(
+        ppo, "make_env", lambda env_id, idx, video_dir=None: lambda: gym.make(env_id, max_episode_steps=5)
+    )
     result = ppo.train(tiny())
     assert result["episodes"]["lengths"] and max(result["episodes"]["lengths"]) <= 5
 
@@ -50,8 +58,9 @@ def test_arguments_added_to_gym_make_in_make_env_apply_to_every_training_env(mon
 # Masks, action spaces that start elsewhere, several dimensions (StrictMaskEnv raises on any action it forbids:
 # a run that finishes sent only valid actions)
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("env_id, mask_size", [("TestMasked-v0", 5), ("TestMaskedDict-v0", 5),
-                                               ("TestMaskedMulti-v0", 3 + 5 + 2)])
+@pytest.mark.parametrize(
+    "env_id, mask_size", [("TestMasked-v0", 5), ("TestMaskedDict-v0", 5), ("TestMaskedMulti-v0", 3 + 5 + 2)]
+)
 def test_masks_from_info_or_from_a_dict_observation_are_respected_in_training(env_id, mask_size):
     result = ppo.train(tiny(env_id=env_id))
     assert result["global_step"] == 1024 and result["agent"].mask_size == mask_size
@@ -59,8 +68,12 @@ def test_masks_from_info_or_from_a_dict_observation_are_respected_in_training(en
 
 def test_a_mask_that_allows_no_action_is_a_clear_error(capsys):
     # ... but only where the episode goes on.
-    assert_bad_input(ppo.main, ["--env-id", "TestEmptyMask-v0"],
-                     "gave an action mask that allows no action (env 0, action dimension 0)", capsys)
+    assert_bad_input(
+        ppo.main,
+        ["--env-id", "TestEmptyMask-v0"],
+        "gave an action mask that allows no action (env 0, action dimension 0)",
+        capsys,
+    )
 
 
 def test_a_final_observation_may_allow_no_action(in_tmp_dir):
@@ -114,8 +127,23 @@ def test_a_masked_run_resumes_exactly_and_its_saved_agent_evaluates(in_tmp_dir):
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("env_id, size", [("Taxi-v4", 500 + 6), ("FrozenLake-v1", 16), ("Blackjack-v1", 32 + 11 + 2)])
 def test_toy_text_envs_train_as_they_are(env_id, size, in_tmp_dir):
-    assert ppo.main(["--env-id", env_id, "--total-timesteps", "512", "--num-steps", "64", "--no-progress",
-                     "--run-name", "toy", "--save-model"]) == 0
+    assert (
+        ppo.main(
+            [
+                "--env-id",
+                env_id,
+                "--total-timesteps",
+                "512",
+                "--num-steps",
+                "64",
+                "--no-progress",
+                "--run-name",
+                "toy",
+                "--save-model",
+            ]
+        )
+        == 0
+    )
     assert ppo.make_envs(ppo.Args(env_id=env_id), 1).single_observation_space.shape == (size,)
     assert ppo.main(["--eval-checkpoint", "runs/toy/agent.pt", "--eval-episodes", "2"]) == 0
 

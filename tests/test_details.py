@@ -11,7 +11,7 @@ import re
 import pytest
 
 from breaks import BREAKS
-from details import ROOT, break_of, modules, names, read_map, row_id, checks_of
+from details import ROOT, break_of, checks_of, modules, names, read_map, row_id
 from mutations import break_files
 
 SECTIONS = read_map()

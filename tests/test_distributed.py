@@ -9,19 +9,40 @@ import time
 import pytest
 import torch
 
-import ppo_continuous
 import ppo_discrete
-from helpers import ROOT, register_test_envs, same_params
+from helpers import ROOT, same_params
 
 WORKER = os.path.join(ROOT, "tests", "dp_worker.py")
 # 2 ranks x 2 envs x 64 steps = one global batch of 256; 2048 steps = 8 updates.
-SMALL = ["--total-timesteps", "2048", "--num-envs", "2", "--num-steps", "64", "--no-progress", "--checkpoint-every", "4"]
+SMALL = [
+    "--total-timesteps",
+    "2048",
+    "--num-envs",
+    "2",
+    "--num-steps",
+    "64",
+    "--no-progress",
+    "--checkpoint-every",
+    "4",
+]
 
 
 def torchrun(module: str, out, *args: str, timeout: float = 120, **env) -> subprocess.CompletedProcess:
     os.makedirs(out, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "--monitor-interval", "0.5", WORKER, module, str(out), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--monitor-interval",
+        "0.5",
+        WORKER,
+        module,
+        str(out),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})
 
 
@@ -83,8 +104,11 @@ def test_two_ranks_hold_identical_parameters_and_count_global_steps(two_rank_run
 def test_same_updates_as_one_process_with_the_same_global_batch(two_rank_run, in_tmp_dir):
     ckpt2 = torch.load(two_rank_run / "runs" / "full" / "checkpoint.pt", weights_only=True)
     # One process with 4 envs collects the same 256 transitions per update as 2 ranks with 2 each.
-    ppo_discrete.train(ppo_discrete.Args(total_timesteps=2048, num_envs=4, num_steps=64, progress=False,
-                                         checkpoint_every=4, run_name="one"))
+    ppo_discrete.train(
+        ppo_discrete.Args(
+            total_timesteps=2048, num_envs=4, num_steps=64, progress=False, checkpoint_every=4, run_name="one"
+        )
+    )
     ckpt1 = torch.load(in_tmp_dir / "runs" / "one" / "checkpoint.pt", weights_only=True)
     assert ckpt1["iteration"] == ckpt2["iteration"] == 8
     assert ckpt1["global_step"] == ckpt2["global_step"] == 2048
@@ -118,17 +142,35 @@ def test_resume_with_another_number_of_processes_says_so(two_rank_run, capsys):
 @pytest.mark.parametrize("mode, message", [("env", "NoSuchEnv-v0"), ("update", "injected failure on rank 1")])
 def test_one_failing_rank_ends_the_job(in_tmp_dir, mode, message):
     start = time.time()
-    proc = torchrun("ppo_discrete", in_tmp_dir / "out", *SMALL, "--run-name", "fail", timeout=90,
-                    FAIL_RANK="1", FAIL_MODE=mode)
+    proc = torchrun(
+        "ppo_discrete", in_tmp_dir / "out", *SMALL, "--run-name", "fail", timeout=90, FAIL_RANK="1", FAIL_MODE=mode
+    )
     assert proc.returncode != 0
     assert message in proc.stderr
     assert time.time() - start < 90
 
 
 def test_continuous_ranks_share_parameters_and_normalization(in_tmp_dir):
-    proc = torchrun("ppo_continuous", in_tmp_dir / "out", "--env-id", "InvertedPendulum-v5", "--total-timesteps", "2048",
-                    "--num-envs", "1", "--num-steps", "256", "--num-minibatches", "4", "--update-epochs", "2",
-                    "--no-progress", "--run-name", "c", "--save-model")
+    proc = torchrun(
+        "ppo_continuous",
+        in_tmp_dir / "out",
+        "--env-id",
+        "InvertedPendulum-v5",
+        "--total-timesteps",
+        "2048",
+        "--num-envs",
+        "1",
+        "--num-steps",
+        "256",
+        "--num-minibatches",
+        "4",
+        "--update-epochs",
+        "2",
+        "--no-progress",
+        "--run-name",
+        "c",
+        "--save-model",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = ranks(in_tmp_dir / "out")
     assert same_params(r0["model"], r1["model"])
@@ -141,9 +183,26 @@ def test_continuous_ranks_share_parameters_and_normalization(in_tmp_dir):
 
 
 def test_atari_ranks_share_parameters(in_tmp_dir):
-    proc = torchrun("ppo_atari", in_tmp_dir / "out", "--total-timesteps", "256", "--num-envs", "1", "--num-steps", "64",
-                    "--num-minibatches", "2", "--update-epochs", "1", "--no-cuda", "--torch-threads", "1",
-                    "--no-progress", "--run-name", "a")
+    proc = torchrun(
+        "ppo_atari",
+        in_tmp_dir / "out",
+        "--total-timesteps",
+        "256",
+        "--num-envs",
+        "1",
+        "--num-steps",
+        "64",
+        "--num-minibatches",
+        "2",
+        "--update-epochs",
+        "1",
+        "--no-cuda",
+        "--torch-threads",
+        "1",
+        "--no-progress",
+        "--run-name",
+        "a",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = ranks(in_tmp_dir / "out")
     assert same_params(r0["model"], r1["model"])
@@ -152,21 +211,55 @@ def test_atari_ranks_share_parameters(in_tmp_dir):
 
 def test_lstm_ranks_share_parameters_and_each_keeps_its_state(in_tmp_dir):
     # Masks and --lstm together: each rank carries its own envs' LSTM states; the checkpoint keeps every rank's.
-    proc = torchrun("ppo_discrete", in_tmp_dir / "out", "--env-id", "TestMasked-v0", "--lstm", "--lstm-hidden-size", "8",
-                    "--total-timesteps", "512", "--num-envs", "2", "--num-steps", "32", "--no-progress", "--run-name",
-                    "lstm", "--checkpoint-every", "2")
+    proc = torchrun(
+        "ppo_discrete",
+        in_tmp_dir / "out",
+        "--env-id",
+        "TestMasked-v0",
+        "--lstm",
+        "--lstm-hidden-size",
+        "8",
+        "--total-timesteps",
+        "512",
+        "--num-envs",
+        "2",
+        "--num-steps",
+        "32",
+        "--no-progress",
+        "--run-name",
+        "lstm",
+        "--checkpoint-every",
+        "2",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = ranks(in_tmp_dir / "out")
     assert same_params(r0["model"], r1["model"]) and "lstm.weight_hh_l0" in r0["model"]
-    states = [rank["carried"][2] for rank in torch.load(in_tmp_dir / "runs" / "lstm" / "checkpoint.pt",
-                                                        weights_only=True)["ranks"]]
+    states = [
+        rank["carried"][2]
+        for rank in torch.load(in_tmp_dir / "runs" / "lstm" / "checkpoint.pt", weights_only=True)["ranks"]
+    ]
     assert states[0].shape == (2, 16) and not torch.equal(states[0], states[1])
 
 
 def test_action_masks_travel_with_the_observations_across_ranks(in_tmp_dir):
     # Taxi-v4 gives action masks: they ride in the observation, so two ranks train on them like on any other.
-    proc = torchrun("ppo_discrete", in_tmp_dir / "out", "--env-id", "Taxi-v4", "--total-timesteps", "1024",
-                    "--num-envs", "2", "--num-steps", "64", "--no-progress", "--run-name", "taxi", "--checkpoint-every", "2")
+    proc = torchrun(
+        "ppo_discrete",
+        in_tmp_dir / "out",
+        "--env-id",
+        "Taxi-v4",
+        "--total-timesteps",
+        "1024",
+        "--num-envs",
+        "2",
+        "--num-steps",
+        "64",
+        "--no-progress",
+        "--run-name",
+        "taxi",
+        "--checkpoint-every",
+        "2",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = ranks(in_tmp_dir / "out")
     assert same_params(r0["model"], r1["model"])
@@ -195,14 +288,41 @@ def test_two_ranks_update_like_one_process_with_the_same_global_batch(module, in
     # here: each rank's own would differ until the merge.)
     env_id, n, steps, options = EQUIVALENCE[module]
     total = 4 * 2 * n * steps
-    common = ["--env-id", env_id, "--num-steps", str(steps), "--num-minibatches", "1", "--update-epochs", "2",
-              "--total-timesteps", str(total), "--no-progress", *options]
+    common = [
+        "--env-id",
+        env_id,
+        "--num-steps",
+        str(steps),
+        "--num-minibatches",
+        "1",
+        "--update-epochs",
+        "2",
+        "--total-timesteps",
+        str(total),
+        "--no-progress",
+        *options,
+    ]
     patches = {"SAME_ACTIONS": "1", **({"FROZEN_STATS": "1"} if module == "ppo_continuous" else {})}
     two = torchrun(module, in_tmp_dir / "two", *common, "--num-envs", str(n), "--run-name", "two", **patches)
     assert two.returncode == 0, two.stderr[-3000:]
     os.makedirs(in_tmp_dir / "one")
-    one = subprocess.run([sys.executable, WORKER, module, str(in_tmp_dir / "one"), *common, "--num-envs", str(2 * n),
-                          "--run-name", "one"], capture_output=True, text=True, timeout=120, env={**os.environ, **patches})
+    one = subprocess.run(
+        [
+            sys.executable,
+            WORKER,
+            module,
+            str(in_tmp_dir / "one"),
+            *common,
+            "--num-envs",
+            str(2 * n),
+            "--run-name",
+            "one",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **patches},
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     single = torch.load(in_tmp_dir / "one" / "rank0.pt", weights_only=True)
     r0 = ranks(in_tmp_dir / "two")[0]
@@ -216,9 +336,16 @@ def test_two_ranks_update_like_one_process_with_the_same_global_batch(module, in
 @pytest.mark.parametrize("world_size, teardown", [("2", False), ("1", True)])
 def test_a_torchrun_rank_exits_without_the_interpreter_teardown(world_size, teardown):
     # Gloo's threads sometimes abort a rank in the teardown, after the run ended well: a rank skips it.
-    code = ("import atexit, sys; sys.path.insert(0, sys.argv[1]); import ppo_discrete; "
-            "atexit.register(print, 'teardown'); print('output first', end=''); ppo_discrete.exit_with(3)")
-    out = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "WORLD_SIZE": world_size})
+    code = (
+        "import atexit, sys; sys.path.insert(0, sys.argv[1]); import ppo_discrete; "
+        "atexit.register(print, 'teardown'); print('output first', end=''); ppo_discrete.exit_with(3)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, ROOT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "WORLD_SIZE": world_size},
+    )
     assert out.returncode == 3, out.stderr[-2000:]
     assert out.stdout.startswith("output first") and ("teardown" in out.stdout) == teardown

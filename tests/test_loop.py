@@ -14,13 +14,26 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from helpers import SCRIPTS, load, logged, same_params
 
-TINY_ENV = {"ppo_discrete": "CartPole-v1", "ppo_continuous": "InvertedPendulum-v5", "ppo_atari": "BreakoutNoFrameskip-v4"}
+TINY_ENV = {
+    "ppo_discrete": "CartPole-v1",
+    "ppo_continuous": "InvertedPendulum-v5",
+    "ppo_atari": "BreakoutNoFrameskip-v4",
+}
 
 
 def tiny(ppo, **kw):
     """Two updates of 3 envs x 16 steps on a real env of the script's kind."""
-    base = dict(env_id=TINY_ENV[ppo.__name__], num_envs=3, num_steps=16, total_timesteps=96, num_minibatches=2,
-                update_epochs=2, progress=False, run_name="tiny", cuda=False)
+    base = dict(
+        env_id=TINY_ENV[ppo.__name__],
+        num_envs=3,
+        num_steps=16,
+        total_timesteps=96,
+        num_minibatches=2,
+        update_epochs=2,
+        progress=False,
+        run_name="tiny",
+        cuda=False,
+    )
     return ppo.Args(**{**base, **kw})
 
 
@@ -49,8 +62,17 @@ def recording(ppo, monkeypatch) -> dict:
 
     def spy_gae(rewards, values, terminations, dones, gamma, gae_lambda):
         advantages = compute_gae(rewards, values, terminations, dones, gamma, gae_lambda)
-        seen["gae"].append((rewards.clone(), values.clone(), terminations.clone(), dones.clone(), advantages.clone(),
-                            copy.deepcopy(seen["agents"][-1]), gamma))
+        seen["gae"].append(
+            (
+                rewards.clone(),
+                values.clone(),
+                terminations.clone(),
+                dones.clone(),
+                advantages.clone(),
+                copy.deepcopy(seen["agents"][-1]),
+                gamma,
+            )
+        )
         return advantages
 
     def spy_loss(*args, **kw):
@@ -60,7 +82,9 @@ def recording(ppo, monkeypatch) -> dict:
     monkeypatch.setattr(ppo, "make_envs", lambda *a, **kw: Recorder(make_envs(*a, **kw), seen["returned"]))
     monkeypatch.setattr(ppo, "compute_gae", spy_gae)
     monkeypatch.setattr(ppo, "ppo_loss", spy_loss)
-    monkeypatch.setattr(ppo.Agent, "__init__", lambda self, envs, *a: init(self, envs, *a) or seen["agents"].append(self))
+    monkeypatch.setattr(
+        ppo.Agent, "__init__", lambda self, envs, *a: init(self, envs, *a) or seen["agents"].append(self)
+    )
     return seen
 
 
@@ -83,7 +107,7 @@ def test_each_env_is_seeded_with_the_seed_plus_its_index(ppo, monkeypatch):
 def test_the_value_target_is_the_advantage_plus_the_old_value(ppo, monkeypatch):
     seen = recording(ppo, monkeypatch)
     ppo.train(tiny(ppo, total_timesteps=48))
-    for newlogp, oldlogp, advantages, newvalue, oldvalue, returns, entropy in seen["loss"]:
+    for _newlogp, _oldlogp, advantages, _newvalue, oldvalue, returns, _entropy in seen["loss"]:
         assert oldvalue.abs().max() > 1e-3  # the critic's values are not 0, so a wrong target would show
         torch.testing.assert_close(returns, advantages + oldvalue, rtol=0, atol=0)
 
@@ -91,12 +115,13 @@ def test_the_value_target_is_the_advantage_plus_the_old_value(ppo, monkeypatch):
 def test_the_last_step_bootstraps_from_the_value_of_the_observation_after_it(ppo, monkeypatch):
     seen = recording(ppo, monkeypatch)
     ppo.train(tiny(ppo, total_timesteps=48))
-    (_, values, _, _, _, agent, _), = seen["gae"]
+    ((_, values, _, _, _, agent, _),) = seen["gae"]
     last = torch.as_tensor(seen["returned"][-1][0], dtype=ppo.OBS_DTYPE)  # what the rollout's last step returned
     with torch.no_grad():
         torch.testing.assert_close(values[-1], agent.get_value(last), rtol=1e-5, atol=1e-6)
-        assert not torch.allclose(values[-1], agent.get_value(torch.as_tensor(seen["returned"][-2][0],
-                                                                              dtype=ppo.OBS_DTYPE)), atol=1e-6)
+        assert not torch.allclose(
+            values[-1], agent.get_value(torch.as_tensor(seen["returned"][-2][0], dtype=ppo.OBS_DTYPE)), atol=1e-6
+        )
 
 
 def test_adam_epsilon_is_1e_5(ppo):
@@ -168,7 +193,11 @@ def test_target_kl_stops_the_update_epochs_early(ppo):
 # ----------------------------------------------------------------------------------------------------
 # Time limits and the step that only resets an env
 # ----------------------------------------------------------------------------------------------------
-CUT_ENV = {"ppo_discrete": "TestClock-v0", "ppo_continuous": "TestClockContinuous-v0", "ppo_atari": "TestBreakoutCut-v0"}
+CUT_ENV = {
+    "ppo_discrete": "TestClock-v0",
+    "ppo_continuous": "TestClockContinuous-v0",
+    "ppo_atari": "TestBreakoutCut-v0",
+}
 
 
 @pytest.fixture(scope="module", params=SCRIPTS)
@@ -188,8 +217,14 @@ def cut_run(request, tmp_path_factory):
 
         mp.setattr(ppo.Agent, "get_action_and_value", spy_update)
         steps = 32 if ppo.__name__ == "ppo_atari" else 40
-        args = tiny(ppo, env_id=CUT_ENV[ppo.__name__], num_steps=steps, total_timesteps=3 * 3 * steps, gamma=0.9,
-                    learning_rate=1e-3)
+        args = tiny(
+            ppo,
+            env_id=CUT_ENV[ppo.__name__],
+            num_steps=steps,
+            total_timesteps=3 * 3 * steps,
+            gamma=0.9,
+            learning_rate=1e-3,
+        )
         ppo.train(args)
     return ppo, seen, trained, args
 
@@ -210,9 +245,12 @@ def test_a_time_limit_bootstraps_from_the_final_observation_end_to_end(cut_run):
                 v_final = agent.get_value(torch.as_tensor(final[None], dtype=ppo.OBS_DTYPE)).item()
                 if step + 1 < len(seen["returned"]):
                     first = seen["returned"][step + 1][0][env]  # the next episode's first observation
-                    apart += abs(v_final - agent.get_value(torch.as_tensor(first[None], dtype=ppo.OBS_DTYPE)).item()) > 1e-3
-            assert advantages[t, env].item() == pytest.approx(rewards[t, env].item() + gamma * v_final -
-                                                              values[t, env].item(), rel=1e-4, abs=1e-5)
+                    apart += (
+                        abs(v_final - agent.get_value(torch.as_tensor(first[None], dtype=ppo.OBS_DTYPE)).item()) > 1e-3
+                    )
+            assert advantages[t, env].item() == pytest.approx(
+                rewards[t, env].item() + gamma * v_final - values[t, env].item(), rel=1e-4, abs=1e-5
+            )
             checked += 1
     assert checked >= 3 and apart >= 1, (checked, apart)  # the test saw cuts, and could tell the two values apart
 
@@ -234,16 +272,26 @@ def test_the_step_that_only_resets_an_env_is_never_trained_on(cut_run):
                     expected[obs[env].astype(dtype).tobytes()] += 1
         for epoch in range(args.update_epochs):
             start = (r * args.update_epochs + epoch) * per_epoch
-            assert collections.Counter(row for call in trained[start:start + per_epoch] for row in call) == expected
+            assert collections.Counter(row for call in trained[start : start + per_epoch] for row in call) == expected
     assert resets >= 3  # the test saw reset steps to leave out
 
 
 def value_run(env_id):
     import ppo_discrete
 
-    args = ppo_discrete.Args(env_id=env_id, total_timesteps=24_576, num_envs=4, num_steps=32, gamma=0.9,
-                             learning_rate=3e-3, anneal_lr=False, clip_vloss=False, norm_adv=False, progress=False,
-                             run_name=env_id)
+    args = ppo_discrete.Args(
+        env_id=env_id,
+        total_timesteps=24_576,
+        num_envs=4,
+        num_steps=32,
+        gamma=0.9,
+        learning_rate=3e-3,
+        anneal_lr=False,
+        clip_vloss=False,
+        norm_adv=False,
+        progress=False,
+        run_name=env_id,
+    )
     agent = ppo_discrete.train(args)["agent"]
     with torch.no_grad():
         return agent.get_value(torch.zeros(1, 1)).item()
@@ -277,7 +325,9 @@ def test_a_nan_loss_stops_the_run_without_the_bad_step(ppo, monkeypatch):
         return (loss * float("nan") if len(calls) == 3 else loss), stats
 
     monkeypatch.setattr(ppo, "ppo_loss", nan_on_the_third)
-    handle = register_optimizer_step_post_hook(lambda opt, a, kw: after_step.append(copy.deepcopy(agents[0].state_dict())))
+    handle = register_optimizer_step_post_hook(
+        lambda opt, a, kw: after_step.append(copy.deepcopy(agents[0].state_dict()))
+    )
     try:
         with pytest.raises(ppo.RunError, match="the loss became nan or infinite in update 1 "):
             ppo.train(tiny(ppo, total_timesteps=96, checkpoint_every=1))
@@ -329,7 +379,9 @@ def test_learns_inverted_pendulum():
     import ppo_continuous
 
     # Default hyperparameters with a 100k-step schedule, watched for its first 40,960 steps.
-    result = ppo_continuous.train(ppo_continuous.Args(env_id="InvertedPendulum-v5", total_timesteps=100_000,
-                                                      progress=False, run_name="learn"), stop_at_step=40_960)
+    result = ppo_continuous.train(
+        ppo_continuous.Args(env_id="InvertedPendulum-v5", total_timesteps=100_000, progress=False, run_name="learn"),
+        stop_at_step=40_960,
+    )
     best = np.convolve(np.array(result["episodes"]["returns"]), np.ones(10) / 10, mode="valid").max()
     assert best >= 900, f"best mean of 10 consecutive episodes: {best:.1f}"

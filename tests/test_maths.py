@@ -52,8 +52,9 @@ def gae(ppo, rewards, values, terminations, dones, gamma, lam):
 @pytest.mark.parametrize("gamma,lam", [(0.99, 0.95), (0.9, 0.0), (0.97, 1.0), (1.0, 1.0)])
 def test_gae_matches_brute_force(ppo, gamma, lam):
     r, v, term, done = random_rollout()
-    np.testing.assert_allclose(gae(ppo, r, v, term, done, gamma, lam), gae_reference(r, v, term, done, gamma, lam),
-                               rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+        gae(ppo, r, v, term, done, gamma, lam), gae_reference(r, v, term, done, gamma, lam), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_gae_lambda_zero_is_td_error(ppo):
@@ -77,7 +78,11 @@ def test_gae_truncation_bootstraps_and_termination_does_not(ppo):
     assert cut[0, 0] == pytest.approx(1 + gamma + gamma**2 + gamma**3 * 7.0 - 0.5)
     assert end[0, 0] == pytest.approx(1 + gamma + gamma**2 - 0.5)
     # Nothing flows back across the episode boundary: what follows step 2 is the same either way.
-    assert cut[3, 0] == pytest.approx(end[3, 0]) == pytest.approx((1 + gamma * 0.2 - 7.0) + gamma * (1 + gamma * 0.1 - 0.2))
+    assert (
+        cut[3, 0]
+        == pytest.approx(end[3, 0])
+        == pytest.approx((1 + gamma * 0.2 - 7.0) + gamma * (1 + gamma * 0.1 - 0.2))
+    )
 
 
 def test_gae_result_is_detached(ppo):
@@ -97,16 +102,19 @@ def loss_of(ppo, ratio, adv, **kw):
     return loss.item(), newlogp.grad.item()
 
 
-@pytest.mark.parametrize("ratio,adv,clipped", [
-    (1.5, 1.0, True),    # A > 0: past 1 + eps, no incentive to raise the probability further
-    (1.21, 1.0, True),
-    (0.5, 1.0, False),   # A > 0 below 1 - eps: the unclipped (lower) term still pulls the probability up
-    (0.5, -1.0, True),   # A < 0: past 1 - eps, no incentive to lower it further
-    (0.79, -1.0, True),
-    (1.5, -1.0, False),  # A < 0 above 1 + eps: still pushed down
-    (1.1, 1.0, False),   # inside the clip range: ordinary policy gradient
-    (0.9, -1.0, False),
-])
+@pytest.mark.parametrize(
+    "ratio,adv,clipped",
+    [
+        (1.5, 1.0, True),  # A > 0: past 1 + eps, no incentive to raise the probability further
+        (1.21, 1.0, True),
+        (0.5, 1.0, False),  # A > 0 below 1 - eps: the unclipped (lower) term still pulls the probability up
+        (0.5, -1.0, True),  # A < 0: past 1 - eps, no incentive to lower it further
+        (0.79, -1.0, True),
+        (1.5, -1.0, False),  # A < 0 above 1 + eps: still pushed down
+        (1.1, 1.0, False),  # inside the clip range: ordinary policy gradient
+        (0.9, -1.0, False),
+    ],
+)
 def test_clipped_surrogate_gradient(ppo, ratio, adv, clipped):
     loss, grad = loss_of(ppo, ratio, adv)
     assert loss == pytest.approx(-min(ratio * adv, min(max(ratio, 0.8), 1.2) * adv))
@@ -125,8 +133,19 @@ def test_policy_loss_is_the_mean_of_the_clipped_surrogate_over_a_batch(ppo):
     newlogp = torch.tensor(np.log(ratios), dtype=torch.float64, requires_grad=True)
     oldlogp = torch.tensor([0.3, -0.2, 0.1, 0.0, -1.0, 0.4, 0.2, -0.3], dtype=torch.float64)  # non-zero old log-probs
     z = torch.zeros(8, dtype=torch.float64)
-    loss, stats = ppo.ppo_loss(newlogp + oldlogp, oldlogp, torch.tensor(advs, dtype=torch.float64), z, z, z, z,
-                               clip_coef=0.2, vf_coef=0.0, ent_coef=0.0, norm_adv=False)
+    loss, stats = ppo.ppo_loss(
+        newlogp + oldlogp,
+        oldlogp,
+        torch.tensor(advs, dtype=torch.float64),
+        z,
+        z,
+        z,
+        z,
+        clip_coef=0.2,
+        vf_coef=0.0,
+        ent_coef=0.0,
+        norm_adv=False,
+    )
     loss.backward()
     by_hand = [surrogate_by_hand(r, a) for r, a in zip(ratios, advs)]
     assert loss.item() == pytest.approx(np.mean([v for v, _ in by_hand]), rel=1e-12)
@@ -139,8 +158,20 @@ def test_value_loss_plain_and_clipped(ppo):
 
     def run(new, clip_vloss):
         newvalue = torch.tensor([new], requires_grad=True)
-        loss, stats = ppo.ppo_loss(z, z, z, newvalue, old, ret, z, clip_coef=0.2, vf_coef=1.0, ent_coef=0.0,
-                                   norm_adv=False, clip_vloss=clip_vloss)
+        loss, stats = ppo.ppo_loss(
+            z,
+            z,
+            z,
+            newvalue,
+            old,
+            ret,
+            z,
+            clip_coef=0.2,
+            vf_coef=1.0,
+            ent_coef=0.0,
+            norm_adv=False,
+            clip_vloss=clip_vloss,
+        )
         loss.backward()
         return stats["value_loss"].item(), newvalue.grad.item()
 
@@ -156,8 +187,9 @@ def test_value_loss_is_clipped_around_each_old_value(ppo):
     new = torch.tensor([5.5, -3.1, 1.0, 0.6, 9.0], dtype=torch.float64, requires_grad=True)
     returns = torch.tensor([8.0, -3.0, 0.0, 0.0, 12.0], dtype=torch.float64)
     z = torch.zeros(5, dtype=torch.float64)
-    loss, stats = ppo.ppo_loss(z, z, z, new, old, returns, z, clip_coef=0.2, vf_coef=1.0, ent_coef=0.0,
-                               norm_adv=False, clip_vloss=True)
+    loss, stats = ppo.ppo_loss(
+        z, z, z, new, old, returns, z, clip_coef=0.2, vf_coef=1.0, ent_coef=0.0, norm_adv=False, clip_vloss=True
+    )
     loss.backward()
     expected, grads = [], []
     for n, o, g in zip(new.tolist(), old.tolist(), returns.tolist()):
@@ -172,8 +204,9 @@ def test_value_loss_is_clipped_around_each_old_value(ppo):
 def test_entropy_bonus_and_weights(ppo):
     z = torch.zeros(3)
     ent = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
-    loss, stats = ppo.ppo_loss(z, z, z, z, z, torch.ones(3), ent, clip_coef=0.2, vf_coef=0.5, ent_coef=0.01,
-                               norm_adv=False)
+    loss, stats = ppo.ppo_loss(
+        z, z, z, z, z, torch.ones(3), ent, clip_coef=0.2, vf_coef=0.5, ent_coef=0.01, norm_adv=False
+    )
     assert stats["entropy"].item() == pytest.approx(2.0)
     assert loss.item() == pytest.approx(-0.01 * 2.0 + 0.5 * 0.5)
     loss.backward()
@@ -244,8 +277,21 @@ def test_cross_rank_helpers_reduce_to_the_plain_formulas_in_one_process(ppo):
 # ----------------------------------------------------------------------------------------------------
 # The copies agree
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["layer_init", "lstm_init", "recur", "compute_gae", "mean_std", "normalize", "ppo_loss",
-                                  "policy_shift", "explained_variance", "minibatches"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "layer_init",
+        "lstm_init",
+        "recur",
+        "compute_gae",
+        "mean_std",
+        "normalize",
+        "ppo_loss",
+        "policy_shift",
+        "explained_variance",
+        "minibatches",
+    ],
+)
 def test_core_is_the_same_in_every_script(name):
     sources = {s: inspect.getsource(getattr(importlib.import_module(s), name)) for s in SCRIPTS}
     for script, src in sources.items():
@@ -258,7 +304,7 @@ def below_the_banner(script: str) -> tuple[int, list[str]]:
     with open(os.path.join(ROOT, script + ".py")) as f:
         text = f.read()
     assert text.count(banner) == 1, f"{script}.py must hold the Part B banner exactly once"
-    return text[: text.index(banner)].count("\n") + 1, text[text.index(banner):].splitlines()
+    return text[: text.index(banner)].count("\n") + 1, text[text.index(banner) :].splitlines()
 
 
 def test_part_b_is_the_same_text_in_every_script():
@@ -266,9 +312,13 @@ def test_part_b_is_the_same_text_in_every_script():
     for script in SCRIPTS[1:]:
         start, lines = below_the_banner(script)
         for i, (mine, theirs) in enumerate(zip(lines, first)):
-            assert mine == theirs, (f"below the banner, {script}.py line {start + i} differs from {SCRIPTS[0]}.py line "
-                                    f"{first_start + i}:\n  {mine!r}\n  {theirs!r}")
-        assert len(lines) == len(first), f"{script}.py has {len(lines)} lines below the banner, {SCRIPTS[0]}.py {len(first)}"
+            assert mine == theirs, (
+                f"below the banner, {script}.py line {start + i} differs from {SCRIPTS[0]}.py line "
+                f"{first_start + i}:\n  {mine!r}\n  {theirs!r}"
+            )
+        assert len(lines) == len(first), (
+            f"{script}.py has {len(lines)} lines below the banner, {SCRIPTS[0]}.py {len(first)}"
+        )
 
 
 def test_core_gives_the_same_numbers_in_every_script():
@@ -278,8 +328,10 @@ def test_core_gives_the_same_numbers_in_every_script():
     args = [torch.randn(32) for _ in range(7)]
     for m in mods[1:]:
         np.testing.assert_array_equal(gae(m, r, v, term, done, 0.99, 0.95), gae(mods[0], r, v, term, done, 0.99, 0.95))
-        assert torch.equal(m.ppo_loss(*args, clip_coef=0.2, vf_coef=0.5, ent_coef=0.01)[0],
-                           mods[0].ppo_loss(*args, clip_coef=0.2, vf_coef=0.5, ent_coef=0.01)[0])
+        assert torch.equal(
+            m.ppo_loss(*args, clip_coef=0.2, vf_coef=0.5, ent_coef=0.01)[0],
+            mods[0].ppo_loss(*args, clip_coef=0.2, vf_coef=0.5, ent_coef=0.01)[0],
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -392,7 +444,7 @@ def test_masked_log_probs_and_entropy_match_a_categorical_over_the_valid_actions
             valid = masks[row].bool()
             dist = torch.distributions.Categorical(logits=logits[row][valid])
             for k, action in enumerate(valid.nonzero().flatten()):
-                _, logp, entropy, _, _ = agent.get_action_and_value(obs[row:row + 1], action.view(1))
+                _, logp, entropy, _, _ = agent.get_action_and_value(obs[row : row + 1], action.view(1))
                 torch.testing.assert_close(logp, dist.log_prob(torch.tensor([k])), rtol=1e-5, atol=1e-6)
                 torch.testing.assert_close(entropy, dist.entropy().view(1), rtol=1e-5, atol=1e-6)
 
@@ -409,8 +461,9 @@ def test_the_ratio_of_a_masked_action_is_finite_and_sends_no_nan_gradient():
     assert all(torch.isfinite(p.grad).all() for p in new.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("space", [gym.spaces.MultiDiscrete([3, 5, 2]), gym.spaces.MultiBinary(4)],
-                         ids=["MultiDiscrete", "MultiBinary"])
+@pytest.mark.parametrize(
+    "space", [gym.spaces.MultiDiscrete([3, 5, 2]), gym.spaces.MultiBinary(4)], ids=["MultiDiscrete", "MultiBinary"]
+)
 def test_multi_dimensional_log_prob_and_entropy_are_sums_over_independent_categoricals(space):
     torch.manual_seed(0)
     ppo, agent = agent_of("ppo_discrete", N_OBS, space)
@@ -421,8 +474,9 @@ def test_multi_dimensional_log_prob_and_entropy_are_sums_over_independent_catego
         nvec = ppo.choices(space)
         assert action.shape == (64, len(nvec))
         dists = [torch.distributions.Categorical(logits=x) for x in agent.actor(obs).split(nvec, -1)]
-        torch.testing.assert_close(logp, sum(d.log_prob(action[:, i]) for i, d in enumerate(dists)), rtol=1e-5,
-                                   atol=1e-5)
+        torch.testing.assert_close(
+            logp, sum(d.log_prob(action[:, i]) for i, d in enumerate(dists)), rtol=1e-5, atol=1e-5
+        )
         torch.testing.assert_close(entropy, sum(d.entropy() for d in dists), rtol=1e-5, atol=1e-5)
         # Each dimension is sampled from its own distribution: compare the frequencies on one observation.
         many = agent.act(obs[:1].expand(20000, N_OBS))[0]
@@ -475,8 +529,18 @@ def test_actor_and_critic_are_separate_networks(name):
     for vf_coef, ent_coef, moved, still in [(0.0, 0.01, actor, critic), (1.0, 0.0, critic, actor)]:
         agent.zero_grad()
         _, newlogp, entropy, newvalue, _ = agent.get_action_and_value(obs, action)
-        loss, _ = ppo.ppo_loss(newlogp, newlogp.detach() - 0.05, torch.randn(16) if vf_coef == 0 else z, newvalue, z,
-                               torch.randn(16) * 5, entropy, clip_coef=0.2, vf_coef=vf_coef, ent_coef=ent_coef)
+        loss, _ = ppo.ppo_loss(
+            newlogp,
+            newlogp.detach() - 0.05,
+            torch.randn(16) if vf_coef == 0 else z,
+            newvalue,
+            z,
+            torch.randn(16) * 5,
+            entropy,
+            clip_coef=0.2,
+            vf_coef=vf_coef,
+            ent_coef=ent_coef,
+        )
         loss.backward()
         assert all(p.grad is None or not p.grad.any() for p in still)
         assert all(p.grad is not None and p.grad.any() for p in moved)
@@ -511,8 +575,9 @@ def test_frames_are_scaled_to_0_1_inside_the_network():
     _, agent = agent_of("ppo_atari", action=gym.spaces.Discrete(4))
     obs = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
     with torch.no_grad():
-        torch.testing.assert_close(agent(obs)[1], agent.critic(agent.network(obs.float() / 255.0)).squeeze(-1),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            agent(obs)[1], agent.critic(agent.network(obs.float() / 255.0)).squeeze(-1), rtol=1e-4, atol=1e-5
+        )
         assert not torch.allclose(agent(obs)[1], agent.critic(agent.network(obs.float())).squeeze(-1), rtol=1e-2)
 
 

@@ -17,8 +17,15 @@ from helpers import ROOT, ConstantEnv, box, load, same_params, spaces
 
 
 def tiny(**kw) -> ppo.Args:
-    base = dict(env_id="InvertedPendulum-v5", total_timesteps=1024, num_steps=256, num_minibatches=4, update_epochs=2,
-                progress=False, run_name="tiny")
+    base = dict(
+        env_id="InvertedPendulum-v5",
+        total_timesteps=1024,
+        num_steps=256,
+        num_minibatches=4,
+        update_epochs=2,
+        progress=False,
+        run_name="tiny",
+    )
     return ppo.Args(**{**base, **kw})
 
 
@@ -49,8 +56,13 @@ def test_the_stored_action_is_unclipped_and_the_env_gets_a_clipped_copy(monkeypa
     seen_by_env, trained_on = [], []
     original_step, original_evaluate = ConstantEnv.step, ppo.Agent.get_action_and_value
     monkeypatch.setattr(ConstantEnv, "step", lambda self, a: seen_by_env.append(np.array(a)) or original_step(self, a))
-    monkeypatch.setattr(ppo.Agent, "get_action_and_value", lambda self, obs, action=None, *r: trained_on.append(
-        action.detach().clone()) or original_evaluate(self, obs, action, *r))
+    monkeypatch.setattr(
+        ppo.Agent,
+        "get_action_and_value",
+        lambda self, obs, action=None, *r: (
+            trained_on.append(action.detach().clone()) or original_evaluate(self, obs, action, *r)
+        ),
+    )
     ppo.train(tiny(env_id="TestTerminateContinuous-v0", total_timesteps=256, num_envs=1))
     sent, stored = np.concatenate(seen_by_env), torch.cat([a.flatten(0, -2) for a in trained_on])
     assert np.abs(sent).max() <= 1.0  # the env's bounds are [-1, 1]; the initial std is 1
@@ -178,9 +190,11 @@ def test_resume_mid_episode_in_mujoco_is_exact(in_tmp_dir):
 
 def test_egl_is_asked_for_only_where_libegl_exists():
     # Asking MuJoCo for EGL without libEGL makes `import mujoco` fail, which would stop training itself.
-    code = ("import ctypes.util, os, sys; ctypes.util.find_library = lambda name: None; "
-            "os.environ.pop('MUJOCO_GL', None); os.environ.pop('DISPLAY', None); sys.path.insert(0, sys.argv[1]); "
-            "import ppo_continuous; print(os.environ.get('MUJOCO_GL'))")
+    code = (
+        "import ctypes.util, os, sys; ctypes.util.find_library = lambda name: None; "
+        "os.environ.pop('MUJOCO_GL', None); os.environ.pop('DISPLAY', None); sys.path.insert(0, sys.argv[1]); "
+        "import ppo_continuous; print(os.environ.get('MUJOCO_GL'))"
+    )
     out = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr[-2000:]
 
@@ -194,8 +208,18 @@ def test_the_policy_loss_moves_the_state_independent_log_std():
     obs, act = torch.randn(16, 4), torch.randn(16, 2)
     _, newlogp, entropy, newvalue, _ = agent.get_action_and_value(obs, act)
     z = torch.zeros(16)
-    loss, _ = ppo.ppo_loss(newlogp, newlogp.detach() - 0.05, torch.randn(16), newvalue, z, z, entropy, clip_coef=0.2,
-                           vf_coef=0.0, ent_coef=0.01)
+    loss, _ = ppo.ppo_loss(
+        newlogp,
+        newlogp.detach() - 0.05,
+        torch.randn(16),
+        newvalue,
+        z,
+        z,
+        entropy,
+        clip_coef=0.2,
+        vf_coef=0.0,
+        ent_coef=0.01,
+    )
     loss.backward()
     assert agent.actor_logstd.grad is not None and agent.actor_logstd.grad.any()
     assert math.isfinite(loss.item())

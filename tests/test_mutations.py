@@ -13,8 +13,11 @@ IDS = [case_id(*case) for case in CASES]
 @pytest.fixture(scope="module")
 def outcomes(request) -> dict:
     """The result of every selected case, checked two at a time (the cases' work is in processes of their own)."""
-    selected = [item.callspec.params["case"] for item in request.session.items
-                if getattr(item, "originalname", None) == "test_the_break_of_every_detail_is_caught_by_its_tests"]
+    selected = [
+        item.callspec.params["case"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_the_break_of_every_detail_is_caught_by_its_tests"
+    ]
     return {case_id(*case): result for case, result in check_all(selected, jobs=2)}
 
 

@@ -24,8 +24,9 @@ def cue_run(ppo, monkeypatch, **kw):
     it as frames, through make_env."""
     if ppo.__name__ == "ppo_atari":
         monkeypatch.setattr(ppo, "check_env", lambda env_id: None)
-        monkeypatch.setattr(ppo, "make_env", lambda env_id, idx, video_dir=None, sticky=None, frames=4:
-                            lambda: CueEnv(image=frames))
+        monkeypatch.setattr(
+            ppo, "make_env", lambda env_id, idx, video_dir=None, sticky=None, frames=4: lambda: CueEnv(image=frames)
+        )
     env_id = "TestCueContinuous-v0" if ppo.__name__ == "ppo_continuous" else "TestCue-v0"
     return lstm_args(ppo, env_id=env_id, num_envs=2, num_steps=16, num_minibatches=2, seed=1, **kw)
 
@@ -50,9 +51,11 @@ def spy_recur(ppo, monkeypatch) -> list:
 # ----------------------------------------------------------------------------------------------------
 def test_lstm_weights_are_orthogonal_and_biases_zero(ppo):
     torch.manual_seed(0)
-    envs = spaces(gym.spaces.Box(0, 255, (1, 84, 84), np.uint8), gym.spaces.Discrete(4)) \
-        if ppo.__name__ == "ppo_atari" else spaces(box(5), gym.spaces.Discrete(3) if ppo.__name__ == "ppo_discrete"
-                                                   else box(2))
+    envs = (
+        spaces(gym.spaces.Box(0, 255, (1, 84, 84), np.uint8), gym.spaces.Discrete(4))
+        if ppo.__name__ == "ppo_atari"
+        else spaces(box(5), gym.spaces.Discrete(3) if ppo.__name__ == "ppo_discrete" else box(2))
+    )
     agent = ppo.Agent(envs, HIDDEN)
     assert agent.state_size == 2 * HIDDEN and ppo.Agent(envs).state_size == 0 and ppo.Agent(envs).lstm is None
     for name, param in agent.lstm.named_parameters():
@@ -70,14 +73,16 @@ def test_the_state_starts_at_zero_in_training_evaluation_and_a_resume_with_new_e
     steps = spy_recur(ppo, monkeypatch)
     kw = dict(env_id="Acrobot-v1") if ppo.__name__ == "ppo_discrete" else {}  # CartPole's own vector env pickles whole
     batch = tiny_args(ppo).batch_size
-    ppo.train(lstm_args(ppo, checkpoint_every=1, total_timesteps=3 * batch, save_model=True, **kw),
-              stop_at_step=2 * batch)
+    ppo.train(
+        lstm_args(ppo, checkpoint_every=1, total_timesteps=3 * batch, save_model=True, **kw), stop_at_step=2 * batch
+    )
     assert not steps[0][0].any()  # the first step of training
     saved = load("runs/tiny/checkpoint.pt")["ranks"][0]["carried"][2]
     assert saved.abs().sum() > 0.1  # what the crash-free resume would have gone on from
     monkeypatch.setattr(ppo, "env_state", lambda env: (_ for _ in ()).throw(TypeError("cannot pickle a handle")))
-    ppo.train(lstm_args(ppo, run_name="cut", checkpoint_every=1, total_timesteps=3 * batch, **kw),
-              stop_at_step=2 * batch)
+    ppo.train(
+        lstm_args(ppo, run_name="cut", checkpoint_every=1, total_timesteps=3 * batch, **kw), stop_at_step=2 * batch
+    )
     steps.clear()
     ppo.train(lstm_args(ppo, total_timesteps=3 * batch, resume="runs/cut/checkpoint.pt", **kw))
     assert not steps[0][0].any()
@@ -91,8 +96,11 @@ def test_the_lstm_learns_from_the_policy_loss_alone_but_in_atari(ppo):
     # reference's ppo_atari_lstm.py: the value loss trains the LSTM (and the CNN) too.
     torch.manual_seed(0)
     atari = ppo.__name__ == "ppo_atari"
-    envs = spaces(gym.spaces.Box(0, 255, (1, 84, 84), np.uint8), gym.spaces.Discrete(4)) if atari else \
-        spaces(box(5), gym.spaces.Discrete(3) if ppo.__name__ == "ppo_discrete" else box(2))
+    envs = (
+        spaces(gym.spaces.Box(0, 255, (1, 84, 84), np.uint8), gym.spaces.Discrete(4))
+        if atari
+        else spaces(box(5), gym.spaces.Discrete(3) if ppo.__name__ == "ppo_discrete" else box(2))
+    )
     agent = ppo.Agent(envs, HIDDEN)
     obs = torch.randint(0, 256, (6, 3, 1, 84, 84), dtype=torch.uint8) if atari else torch.randn(6, 3, 5)
     state, goes_on = torch.randn(3, 2 * HIDDEN), torch.ones(6, 3, dtype=torch.bool)
@@ -208,8 +216,13 @@ def test_minibatches_that_fit_no_whole_sequences_are_refused_in_one_line(capsys)
     ppo = importlib.import_module("ppo_discrete")
     # 3 envs and 4 minibatches: each env's 10 steps would be cut in 4 stretches, which 10 steps do not divide.
     argv = ["--lstm", "--num-envs", "3", "--num-steps", "10", "--num-minibatches", "4"]
-    assert_bad_input(ppo.main, argv, "--num-minibatches 4 does not fit the batch (num_envs * num_steps = 3 * 10 = 30, "
-                     "--lstm): each minibatch takes whole env sequences", capsys)
+    assert_bad_input(
+        ppo.main,
+        argv,
+        "--num-minibatches 4 does not fit the batch (num_envs * num_steps = 3 * 10 = 30, "
+        "--lstm): each minibatch takes whole env sequences",
+        capsys,
+    )
     assert_bad_input(ppo.main, argv, "; e.g. 3", capsys)  # 3 minibatches of one env's whole rollout each
     cont = importlib.import_module("ppo_continuous")
     cont.check_args(cont.Args(lstm=True))  # its defaults: 1 env, 32 minibatches of 64 consecutive steps each

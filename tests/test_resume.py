@@ -14,7 +14,18 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, FaultyEnv, assert_bad_input, load, logged, run_script, same_params, start_script, tiny_args, tiny_argv
+from helpers import (
+    ROOT,
+    FaultyEnv,
+    assert_bad_input,
+    load,
+    logged,
+    run_script,
+    same_params,
+    start_script,
+    tiny_args,
+    tiny_argv,
+)
 
 
 def checkpointed(ppo, updates=2, of=4, **kw) -> str:
@@ -50,26 +61,49 @@ def test_resume_takes_the_checkpoint_s_options_in_either_form(ppo, form, monkeyp
     seen = []
     monkeypatch.setattr(ppo, "train", lambda args: seen.append(args) or {"interrupted": False})
     assert ppo.main((["--resume", path] if form == "--resume PATH" else [f"--resume={path}"]) + ["--seed", "7"]) == 0
-    assert seen[0].learning_rate == 1e-3 and seen[0].total_timesteps == 4 * tiny_args(ppo).batch_size  # the checkpoint's
+    assert (
+        seen[0].learning_rate == 1e-3 and seen[0].total_timesteps == 4 * tiny_args(ppo).batch_size
+    )  # the checkpoint's
     assert seen[0].seed == 7  # what was given again
 
 
-CHANGES = [("--num-steps", "16", "--num-steps"), ("--gamma", "0.5", "--gamma"), ("--learning-rate", "0.1",
-           "--learning-rate"), ("--seed", "7", "--seed"), ("--no-anneal-lr", None, "--anneal-lr"),
-           ("--update-epochs", "3", "--update-epochs")]
+CHANGES = [
+    ("--num-steps", "16", "--num-steps"),
+    ("--gamma", "0.5", "--gamma"),
+    ("--learning-rate", "0.1", "--learning-rate"),
+    ("--seed", "7", "--seed"),
+    ("--no-anneal-lr", None, "--anneal-lr"),
+    ("--update-epochs", "3", "--update-epochs"),
+]
 
 
 @pytest.mark.parametrize("option, value, named", CHANGES, ids=[c[0] for c in CHANGES])
 def test_resume_refuses_an_option_that_changes_the_run(ppo, option, value, named, capsys):
     path = checkpointed(ppo)
-    assert_bad_input(ppo.main, ["--resume", path, option] + ([value] if value else []), f"was trained with {named} ",
-                     capsys)
+    assert_bad_input(
+        ppo.main, ["--resume", path, option] + ([value] if value else []), f"was trained with {named} ", capsys
+    )
 
 
 def test_resume_allows_what_only_watches_the_run_and_a_longer_budget(ppo, capsys):
     path, batch = checkpointed(ppo), tiny_args(ppo).batch_size
-    assert ppo.main(["--resume", path, "--no-progress", "--checkpoint-every", "2", "--checkpoint-minutes", "5",
-                     "--total-timesteps", str(6 * batch), "--save-model"]) == 0
+    assert (
+        ppo.main(
+            [
+                "--resume",
+                path,
+                "--no-progress",
+                "--checkpoint-every",
+                "2",
+                "--checkpoint-minutes",
+                "5",
+                "--total-timesteps",
+                str(6 * batch),
+                "--save-model",
+            ]
+        )
+        == 0
+    )
     assert load(path)["global_step"] == 6 * batch and os.path.exists("runs/tiny/agent.pt")
     assert_bad_input(ppo.main, ["--resume", path, "--total-timesteps", str(2 * batch)], "is less than the", capsys)
 
@@ -84,8 +118,11 @@ def test_files_that_are_not_this_script_s_checkpoints_are_refused(ppo, capsys):
     assert_bad_input(ppo.main, ["--resume", "no_args.pt"], "is not a file written by", capsys)
     ppo.train(tiny_args(ppo, run_name="agent", save_model=True))
     assert_bad_input(ppo.main, ["--resume", "runs/agent/agent.pt"], "is a saved agent, not a checkpoint", capsys)
-    for key, value, expected in (("family", "other", "holds a other agent"), ("format", 2, "another version"),
-                                 ("model", {"x": torch.zeros(3)}, "does not fit this network")):
+    for key, value, expected in (
+        ("family", "other", "holds a other agent"),
+        ("format", 2, "another version"),
+        ("model", {"x": torch.zeros(3)}, "does not fit this network"),
+    ):
         torch.save({**load(path), key: value}, f"{key}.pt")
         assert_bad_input(ppo.main, ["--resume", f"{key}.pt"], expected, capsys)
 
@@ -105,8 +142,11 @@ def test_async_envs_play_the_same_episodes_and_resume_exactly(ppo):
     # Each env in a process of its own gives the same episodes as all in this one. A checkpoint saves each env in its
     # own process; here it falls right after an episode's end (10-step episodes, 2 updates of 5 steps), so the resumed
     # envs must reset on their first step, as the vector env would have.
-    env_id = {"ppo_discrete": "TestClock-v0", "ppo_continuous": "TestClockContinuous-v0",
-              "ppo_atari": "TestBreakoutCut-v0"}[ppo.__name__]
+    env_id = {
+        "ppo_discrete": "TestClock-v0",
+        "ppo_continuous": "TestClockContinuous-v0",
+        "ppo_atari": "TestBreakoutCut-v0",
+    }[ppo.__name__]
     kw = dict(env_id=env_id, num_envs=2, num_steps=5, total_timesteps=40, num_minibatches=2)
     inline = ppo.train(tiny_args(ppo, run_name="inline", async_envs=False, **kw))
     straight = ppo.train(tiny_args(ppo, run_name="async", async_envs=True, **kw))
@@ -126,8 +166,10 @@ def test_async_envs_by_default_only_with_a_core_per_env_to_spare():
 
     assert ppo_atari.Args().async_envs == (len(os.sched_getaffinity(0)) > 8) and ppo_atari.Args().num_envs == 8
     assert not ppo_discrete.Args().async_envs and not ppo_continuous.Args().async_envs
-    code = ("import os, sys; os.sched_getaffinity = lambda pid: set(range(16)); sys.path.insert(0, sys.argv[1]); "
-            "import ppo_atari; print(ppo_atari.Args().async_envs)")
+    code = (
+        "import os, sys; os.sched_getaffinity = lambda pid: set(range(16)); sys.path.insert(0, sys.argv[1]); "
+        "import ppo_atari; print(ppo_atari.Args().async_envs)"
+    )
     out = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=120)
     assert out.stdout.split()[-1] == "True", out.stderr[-2000:]
 
@@ -152,7 +194,9 @@ def test_tensorboard_after_a_crash_and_a_resume_has_every_update_once(ppo):
     steps = [args.batch_size * i for i in range(1, 9)]
     ppo.train(args, stop_at_step=5 * args.batch_size)  # stopped after update 5; the last checkpoint was update 3's
     assert logged("runs/tiny", steps=True) == steps[:5]
-    ppo.train(tiny_args(ppo, total_timesteps=args.total_timesteps, checkpoint_every=3, resume="runs/tiny/checkpoint.pt"))
+    ppo.train(
+        tiny_args(ppo, total_timesteps=args.total_timesteps, checkpoint_every=3, resume="runs/tiny/checkpoint.pt")
+    )
     assert logged("runs/tiny", steps=True) == steps  # no gap, no step twice
 
 
@@ -182,8 +226,10 @@ def test_sigterm_writes_the_checkpoint_and_the_results_and_the_run_resumes_exact
     assert 0 < load("runs/cut/checkpoint.pt")["global_step"] < 40960, "the signal should land mid-run"
     assert os.path.exists("runs/cut/episodes.csv") and not os.path.exists("runs/cut/agent.pt")
     assert json.load(open("runs/cut/summary.json"))["finished"] is False and "stopped by SIGTERM" in err
-    assert err.strip().splitlines()[-1] == \
-        "checkpoint written; continue with: python ppo_discrete.py --resume runs/cut/checkpoint.pt"
+    assert (
+        err.strip().splitlines()[-1]
+        == "checkpoint written; continue with: python ppo_discrete.py --resume runs/cut/checkpoint.pt"
+    )
     assert run_script("ppo_discrete.py", "--resume", "runs/cut/checkpoint.pt").returncode == 0
     assert same_params(load("runs/straight/agent.pt")["model"], load("runs/cut/agent.pt")["model"])
 
@@ -208,8 +254,20 @@ def test_a_second_signal_quits_at_once_with_the_signal_s_status_and_the_results(
 
 def test_ctrl_c_to_the_whole_process_group_with_async_envs_still_checkpoints(in_tmp_dir):
     # A terminal's Ctrl-C reaches the env processes too: they leave it to the training process.
-    proc = start_script("ppo_discrete.py", "--async-envs", "--env-id", "Acrobot-v1", "--total-timesteps", "400000",
-                        "--num-steps", "64", "--no-progress", "--run-name", "group", start_new_session=True)
+    proc = start_script(
+        "ppo_discrete.py",
+        "--async-envs",
+        "--env-id",
+        "Acrobot-v1",
+        "--total-timesteps",
+        "400000",
+        "--num-steps",
+        "64",
+        "--no-progress",
+        "--run-name",
+        "group",
+        start_new_session=True,
+    )
     wait_for("runs/group/events.out.tfevents.*")
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGINT)
@@ -229,7 +287,9 @@ def test_a_signal_in_the_last_update_lets_the_run_finish_and_one_after_it_change
         return gae(*a, **kw)
 
     monkeypatch.setattr(ppo, "compute_gae", ctrl_c_in_the_last)
-    monkeypatch.setattr(ppo.Run, "finish", lambda self, error: signal.raise_signal(signal.SIGTERM) or finish(self, error))
+    monkeypatch.setattr(
+        ppo.Run, "finish", lambda self, error: signal.raise_signal(signal.SIGTERM) or finish(self, error)
+    )
     assert ppo.main(tiny_argv(ppo, total_timesteps=2 * tiny_args(ppo).batch_size, save_model=True)) == 0
     assert os.path.isfile("runs/tiny/agent.pt") and json.load(open("runs/tiny/summary.json"))["finished"] is True
 
@@ -243,13 +303,23 @@ def test_ctrl_c_in_the_update_that_ends_the_run_early_still_checkpoints(ppo, mon
 
 def test_a_checkpoint_flushes_the_buffered_scalars(in_tmp_dir):
     # Killed without warning right after a checkpoint: everything logged up to it is on disk.
-    proc = start_script("ppo_discrete.py", "--total-timesteps", "400000", "--checkpoint-every", "20", "--no-progress",
-                        "--run-name", "killed")
+    proc = start_script(
+        "ppo_discrete.py",
+        "--total-timesteps",
+        "400000",
+        "--checkpoint-every",
+        "20",
+        "--no-progress",
+        "--run-name",
+        "killed",
+    )
     wait_for("runs/killed/checkpoint.pt")
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     iteration = load("runs/killed/checkpoint.pt")["iteration"]
-    assert iteration >= 20 and logged("runs/killed", steps=True)[:iteration] == [512 * i for i in range(1, iteration + 1)]
+    assert iteration >= 20 and logged("runs/killed", steps=True)[:iteration] == [
+        512 * i for i in range(1, iteration + 1)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,8 +331,23 @@ def test_a_crash_in_the_env_keeps_the_last_completed_update(name, capsys, monkey
     # says what happened and how to go on, and a resume trains on with new episodes.
     ppo = importlib.import_module(name)
     env_id = "TestCrashContinuous-v0" if ppo.__name__ == "ppo_continuous" else "TestCrash-v0"
-    argv = ["--env-id", env_id, "--num-envs", "1", "--num-steps", "128", "--num-minibatches", "2",
-            "--total-timesteps", "1280", "--run-name", "crash", "--no-progress", "--checkpoint-minutes", "0"]
+    argv = [
+        "--env-id",
+        env_id,
+        "--num-envs",
+        "1",
+        "--num-steps",
+        "128",
+        "--num-minibatches",
+        "2",
+        "--total-timesteps",
+        "1280",
+        "--run-name",
+        "crash",
+        "--no-progress",
+        "--checkpoint-minutes",
+        "0",
+    ]
     assert ppo.main(argv) == 1
     err = capsys.readouterr().err
     assert "RuntimeError: the env's own bug" in err and "Traceback" in err  # the env's own traceback, to debug it
@@ -277,18 +362,45 @@ def test_a_crash_in_the_env_keeps_the_last_completed_update(name, capsys, monkey
     assert json.load(open("runs/crash/summary.json"))["global_step"] == 1280
 
 
-@pytest.mark.parametrize("fault, expected", [
-    ("Shape", "returned an observation of shape (3,) at its step 301, where its observation space is Box(-1.0, 1.0, "
-              "(1,), float32)"),
-    ("Nan", "returned a non-finite observation at its step 301, where its observation space is Box(-1.0, 1.0, (1,), "),
-    ("NaN", "returned a reward of nan at its step 3000"),
-])
+@pytest.mark.parametrize(
+    "fault, expected",
+    [
+        (
+            "Shape",
+            "returned an observation of shape (3,) at its step 301, where its observation space is Box(-1.0, 1.0, "
+            "(1,), float32)",
+        ),
+        (
+            "Nan",
+            "returned a non-finite observation at its step 301, where its observation space is Box(-1.0, 1.0, (1,), ",
+        ),
+        ("NaN", "returned a reward of nan at its step 3000"),
+    ],
+)
 @pytest.mark.parametrize("name", ["ppo_discrete", "ppo_continuous"])  # Part B's check; an Atari env is a ROM
 def test_an_env_at_fault_is_named_with_its_step_its_space_and_what_it_returned(name, fault, expected, capsys):
     ppo = importlib.import_module(name)
     env_id = f"Test{fault}{'Continuous' if ppo.__name__ == 'ppo_continuous' else ''}-v0"
-    assert ppo.main(["--env-id", env_id, "--num-envs", "1", "--num-steps", "1024", "--num-minibatches", "2",
-                     "--total-timesteps", "8192", "--run-name", "fault", "--no-progress"]) == 1
+    assert (
+        ppo.main(
+            [
+                "--env-id",
+                env_id,
+                "--num-envs",
+                "1",
+                "--num-steps",
+                "1024",
+                "--num-minibatches",
+                "2",
+                "--total-timesteps",
+                "8192",
+                "--run-name",
+                "fault",
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: env 0 ({env_id}) returned ") and expected in err[-1], err[-1]
     assert "Traceback" not in "\n".join(err) and "learning-rate" not in err[-1]
@@ -313,9 +425,23 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_last_good_checkpoin
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (155_000, 155_000))
 
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "ppo_discrete.py"), "--total-timesteps", "40960",
-                          "--checkpoint-every", "2", "--no-progress", "--run-name", "full"], capture_output=True,
-                         text=True, timeout=300, preexec_fn=limit)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "ppo_discrete.py"),
+            "--total-timesteps",
+            "40960",
+            "--checkpoint-every",
+            "2",
+            "--no-progress",
+            "--run-name",
+            "full",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+    )
     assert out.returncode == 1, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot write runs/full/") and "(File too large)" in last, out.stderr[-3000:]
@@ -336,6 +462,9 @@ def test_a_run_folder_that_becomes_unwritable_stops_the_run_in_one_line(monkeypa
     monkeypatch.setattr(ppo_discrete, "compute_gae", folder_gone)
     assert ppo_discrete.main(tiny_argv(ppo_discrete, run_name="gone", checkpoint_every=1)) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: cannot write ") and "runs/gone" in err[-1] and "(No such file or directory)" in \
-        err[-1], err
+    assert (
+        err[-1].startswith("error: cannot write ")
+        and "runs/gone" in err[-1]
+        and "(No such file or directory)" in err[-1]
+    ), err
     assert "Traceback" not in "\n".join(err)

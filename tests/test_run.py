@@ -19,7 +19,7 @@ import pytest
 import torch
 import tyro
 
-from helpers import ROOT, SCRIPTS, TINY, assert_bad_input, load, logged, run_script, start_script, tiny_args, tiny_argv
+from helpers import ROOT, SCRIPTS, assert_bad_input, load, logged, run_script, start_script, tiny_args, tiny_argv
 
 
 def doc_section(path: str, heading: str) -> str:
@@ -28,7 +28,7 @@ def doc_section(path: str, heading: str) -> str:
         text = f.read()
     start = text.index(heading + "\n")
     end = text.find("\n" + heading.split()[0] + " ", start + len(heading))
-    return text[start:end if end > 0 else None]
+    return text[start : end if end > 0 else None]
 
 
 def code_block(section: str, language: str) -> str:
@@ -40,14 +40,20 @@ def code_block(section: str, language: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 BAD = [  # (script, argv, what the line must say)
     ("ppo_discrete", ["--env-id", "CartPol-v1"], "Did you mean: `CartPole`?"),
-    ("ppo_discrete", ["--env-id", "Pendulum-v1"], "has continuous actions (Box(-2.0, 2.0, (1,), float32)); train it "
-                                                  "with ppo_continuous.py"),
+    (
+        "ppo_discrete",
+        ["--env-id", "Pendulum-v1"],
+        "has continuous actions (Box(-2.0, 2.0, (1,), float32)); train it with ppo_continuous.py",
+    ),
     ("ppo_discrete", ["--env-id", "TestImage-v0"], "train it with ppo_atari.py"),
     ("ppo_discrete", ["--env-id", "BreakoutNoFrameskip-v4"], "is an Atari game; train it with ppo_atari.py"),
     ("ppo_discrete", ["--env-id", ":CartPole-v1"], "--env-id :CartPole-v1: ValueError: Empty module name"),
     ("ppo_discrete", ["--env-id", "nosuchmodule:MyEnv-v0"], "No module named 'nosuchmodule'"),
-    ("ppo_discrete", ["--num-minibatches", "3"], "--num-minibatches 3 does not fit the batch (num_envs * num_steps = "
-                                                 "4 * 128 = 512)"),
+    (
+        "ppo_discrete",
+        ["--num-minibatches", "3"],
+        "--num-minibatches 3 does not fit the batch (num_envs * num_steps = 4 * 128 = 512)",
+    ),
     ("ppo_discrete", ["--num-minibatches", "1024"], "e.g. 128"),
     ("ppo_discrete", ["--num-envs", "0"], "--num-envs is 0; it must be positive"),
     ("ppo_discrete", ["--num-steps", "-5"], "--num-steps is -5"),
@@ -68,7 +74,11 @@ BAD = [  # (script, argv, what the line must say)
     ("ppo_discrete", ["--eval-checkpoint", "nowhere.pt"], "--eval-checkpoint nowhere.pt does not exist"),
     ("ppo_discrete", ["--ent-coef", "nan"], "--ent-coef is nan; it must be a finite number"),
     ("ppo_discrete", ["--clip-coef", "inf"], "--clip-coef is inf; it must be a finite number"),
-    ("ppo_continuous", ["--env-id", "CartPole-v1"], "has discrete actions (Discrete(2)); train it with ppo_discrete.py"),
+    (
+        "ppo_continuous",
+        ["--env-id", "CartPole-v1"],
+        "has discrete actions (Discrete(2)); train it with ppo_discrete.py",
+    ),
     ("ppo_continuous", ["--env-id", "ALE/Pong-v5"], "is an Atari game; train it with ppo_atari.py"),
     ("ppo_continuous", ["--env-id", "HalfCheeta-v5"], "Did you mean: `HalfCheetah`?"),
     ("ppo_continuous", ["--clip-obs", "0"], "--clip-obs is 0.0; it must be positive"),
@@ -94,8 +104,14 @@ def test_the_minibatch_count_a_refusal_suggests_is_accepted(capsys):
     import ppo_discrete
 
     for asked, batch in ((1024, dict()), (3, dict()), (64, dict(num_envs=1, num_steps=64))):
-        ppo_discrete.main([*sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in batch.items()), []),
-                           "--num-minibatches", str(asked), "--no-progress"])
+        ppo_discrete.main(
+            [
+                *sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in batch.items()), []),
+                "--num-minibatches",
+                str(asked),
+                "--no-progress",
+            ]
+        )
         suggested = int(re.search(r"e\.g\. (\d+)", capsys.readouterr().err).group(1))
         ppo_discrete.check_args(ppo_discrete.Args(**batch, num_minibatches=suggested))  # no error
 
@@ -127,15 +143,19 @@ def test_a_rollout_too_large_for_memory_is_one_line(ppo, monkeypatch, capsys):
     assert err[-1].startswith("error: out of memory") and "lower --num-envs or --num-steps" in err[-1], err
 
 
-@pytest.mark.parametrize("module, expected", [
-    ("emptymodule", "Environment `MyEnv` doesn't exist."),
-    ("othermodule", "Environment `MyEnv` doesn't exist."),
-])
+@pytest.mark.parametrize(
+    "module, expected",
+    [
+        ("emptymodule", "Environment `MyEnv` doesn't exist."),
+        ("othermodule", "Environment `MyEnv` doesn't exist."),
+    ],
+)
 def test_a_module_that_does_not_register_the_env_is_one_line(ppo, module, expected, in_tmp_dir, capsys):
     (in_tmp_dir / "emptymodule.py").write_text("x = 1\n")
     (in_tmp_dir / "othermodule.py").write_text(
         "import gymnasium as gym\n\nclass Other(gym.Env):\n    pass\n\n"
-        "if 'OtherEnv-v0' not in gym.registry:\n    gym.register('OtherEnv-v0', entry_point=Other)\n")
+        "if 'OtherEnv-v0' not in gym.registry:\n    gym.register('OtherEnv-v0', entry_point=Other)\n"
+    )
     assert_bad_input(ppo.main, ["--env-id", f"{module}:MyEnv-v0"], expected, capsys)
 
 
@@ -185,10 +205,20 @@ def test_the_defaults_are_the_classic_ones():
     import ppo_discrete
 
     args = tyro.cli(ppo_discrete.Args, args=[])
-    assert (args.env_id, args.total_timesteps, args.learning_rate, args.num_envs, args.num_steps) == \
-        ("CartPole-v1", 500_000, 2.5e-4, 4, 128)
-    assert (args.gamma, args.gae_lambda, args.num_minibatches, args.update_epochs, args.clip_coef) == \
-        (0.99, 0.95, 4, 4, 0.2)
+    assert (args.env_id, args.total_timesteps, args.learning_rate, args.num_envs, args.num_steps) == (
+        "CartPole-v1",
+        500_000,
+        2.5e-4,
+        4,
+        128,
+    )
+    assert (args.gamma, args.gae_lambda, args.num_minibatches, args.update_epochs, args.clip_coef) == (
+        0.99,
+        0.95,
+        4,
+        4,
+        0.2,
+    )
     assert (args.ent_coef, args.vf_coef, args.max_grad_norm, args.target_kl, args.seed) == (0.01, 0.5, 0.5, None, 1)
     assert args.norm_adv and args.clip_vloss and args.anneal_lr
     assert (args.batch_size, args.minibatch_size, args.num_iterations) == (512, 128, 976)
@@ -197,9 +227,22 @@ def test_the_defaults_are_the_classic_ones():
 # ----------------------------------------------------------------------------------------------------
 # What a run writes, and where
 # ----------------------------------------------------------------------------------------------------
-TAGS = ["losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/old_approx_kl", "losses/approx_kl",
-        "losses/clipfrac", "losses/explained_variance", "losses/ess", "losses/grad_norm", "losses/epochs",
-        "charts/learning_rate", "charts/SPS", "charts/episodic_return", "charts/episodic_length"]
+TAGS = [
+    "losses/policy_loss",
+    "losses/value_loss",
+    "losses/entropy",
+    "losses/old_approx_kl",
+    "losses/approx_kl",
+    "losses/clipfrac",
+    "losses/explained_variance",
+    "losses/ess",
+    "losses/grad_norm",
+    "losses/epochs",
+    "charts/learning_rate",
+    "charts/SPS",
+    "charts/episodic_return",
+    "charts/episodic_length",
+]
 
 
 def test_a_run_writes_its_logs_results_and_agent(ppo):
@@ -217,13 +260,15 @@ def test_a_run_writes_its_logs_results_and_agent(ppo):
     assert summary["script"] == f"{ppo.__name__}.py" and summary["env_id"] == args.env_id
     saved = load(f"{folder}/agent.pt")
     assert saved["family"] == ppo.FAMILY and saved["args"]["env_id"] == args.env_id
-    assert sorted(os.listdir(folder)) == sorted(["agent.pt", "episodes.csv", "summary.json",
-                                                 *map(os.path.basename, glob.glob(f"{folder}/events.*"))])
+    assert sorted(os.listdir(folder)) == sorted(
+        ["agent.pt", "episodes.csv", "summary.json", *map(os.path.basename, glob.glob(f"{folder}/events.*"))]
+    )
 
 
 def test_a_run_ends_with_one_line_saying_what_it_did_and_where_its_files_are(ppo):
-    out = run_script(f"{ppo.__name__}.py", *tiny_argv(ppo, total_timesteps=2 * tiny_args(ppo).batch_size,
-                                                      progress=True))
+    out = run_script(
+        f"{ppo.__name__}.py", *tiny_argv(ppo, total_timesteps=2 * tiny_args(ppo).batch_size, progress=True)
+    )
     assert out.returncode == 0, out.stderr
     total = 2 * tiny_args(ppo).batch_size
     last = out.stderr.strip().splitlines()[-1]
@@ -235,14 +280,23 @@ def test_a_run_ends_with_one_line_saying_what_it_did_and_where_its_files_are(ppo
 
 def test_default_run_names_never_collide_and_a_run_folder_is_never_shared(in_tmp_dir):
     # Two runs of the same options started together: each its own folder and results.
-    common = ["--total-timesteps", "2048", "--num-steps", "64", "--checkpoint-every", "1", "--no-progress",
-              "--save-model"]
+    common = [
+        "--total-timesteps",
+        "2048",
+        "--num-steps",
+        "64",
+        "--checkpoint-every",
+        "1",
+        "--no-progress",
+        "--save-model",
+    ]
     procs = [start_script("ppo_discrete.py", *common, "--learning-rate", lr) for lr in ("1e-3", "1e-4")]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     folders = sorted(glob.glob("runs/*"))
-    assert len(folders) == 2 and all(re.fullmatch(r"runs/CartPole-v1__ppo_discrete__1__\d+_[0-9a-f]{8}", f)
-                                     for f in folders)
+    assert len(folders) == 2 and all(
+        re.fullmatch(r"runs/CartPole-v1__ppo_discrete__1__\d+_[0-9a-f]{8}", f) for f in folders
+    )
     rates = sorted(load(f"{f}/agent.pt")["args"]["learning_rate"] for f in folders)
     assert rates == [1e-4, 1e-3] and all(len(glob.glob(f"{f}/events.*")) == 1 for f in folders)
     assert not glob.glob("runs/*/*.tmp")
@@ -251,7 +305,8 @@ def test_default_run_names_never_collide_and_a_run_folder_is_never_shared(in_tmp
     out = run_script("ppo_discrete.py", "--run-name", name, "--total-timesteps", "512")
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         f"error: runs/{name} holds another run; choose another --run-name, or continue that run with --resume "
-        f"runs/{name}/checkpoint.pt"]
+        f"runs/{name}/checkpoint.pt"
+    ]
     assert load(f"runs/{name}/agent.pt")["args"]["learning_rate"] in (1e-3, 1e-4)
 
 
@@ -263,7 +318,9 @@ def test_a_copy_of_a_script_names_its_runs_after_itself(in_tmp_dir):
     assert out.returncode == 0, out.stderr
     (folder,) = glob.glob("runs/*")
     assert "__my_ppo__" in folder and json.load(open(f"{folder}/summary.json"))["script"] == "my_ppo.py"
-    assert run_script("ppo_discrete.py", "--eval-checkpoint", f"{folder}/agent.pt", "--eval-episodes", "1").returncode == 0
+    assert (
+        run_script("ppo_discrete.py", "--eval-checkpoint", f"{folder}/agent.pt", "--eval-episodes", "1").returncode == 0
+    )
     out = run_script("ppo_atari.py", "--eval-checkpoint", f"{folder}/agent.pt")
     assert out.returncode == 2 and "holds a discrete agent; this script trains atari ones" in out.stderr
 
@@ -275,16 +332,36 @@ def test_evaluation_plays_on_seeds_apart_from_training_and_can_be_deterministic(
     ppo.train(tiny_args(ppo, save_model=True, seed=3))
     seeds, modes = [], []
     reset, act = gym.wrappers.vector.RecordEpisodeStatistics.reset, ppo.Agent.act
-    monkeypatch.setattr(gym.wrappers.vector.RecordEpisodeStatistics, "reset",
-                        lambda self, **kw: seeds.append(kw.get("seed")) or reset(self, **kw))
-    monkeypatch.setattr(ppo.Agent, "act", lambda self, obs, state, goes_on, deterministic=False:
-                        modes.append(deterministic) or act(self, obs, state, goes_on, deterministic))
+    monkeypatch.setattr(
+        gym.wrappers.vector.RecordEpisodeStatistics,
+        "reset",
+        lambda self, **kw: seeds.append(kw.get("seed")) or reset(self, **kw),
+    )
+    monkeypatch.setattr(
+        ppo.Agent,
+        "act",
+        lambda self, obs, state, goes_on, deterministic=False: (
+            modes.append(deterministic) or act(self, obs, state, goes_on, deterministic)
+        ),
+    )
     assert ppo.main(["--eval-checkpoint", "runs/tiny/agent.pt", "--eval-episodes", "1"]) == 0
     assert seeds == [1_000_000_003] and set(modes) == {False}
     assert "1 episodes (actions sampled from the policy, env seed 1000000003): return " in capsys.readouterr().out
     seeds.clear(), modes.clear()
-    assert ppo.main(["--eval-checkpoint", "runs/tiny/agent.pt", "--eval-episodes", "1", "--eval-deterministic",
-                     "--eval-seed", "5"]) == 0
+    assert (
+        ppo.main(
+            [
+                "--eval-checkpoint",
+                "runs/tiny/agent.pt",
+                "--eval-episodes",
+                "1",
+                "--eval-deterministic",
+                "--eval-seed",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert seeds == [5] and set(modes) == {True} and "deterministic actions, env seed 5" in capsys.readouterr().out
 
 
@@ -300,8 +377,11 @@ def test_evaluation_from_the_command_line_and_of_a_checkpoint(in_tmp_dir):
 def test_evaluating_an_agent_of_an_env_whose_module_is_gone_is_one_line(in_tmp_dir, capsys):
     import ppo_discrete
 
-    (in_tmp_dir / "gone.py").write_text(code_block(doc_section("docs/usage.md", "## Train your own environment"),
-                                                   "python").replace("Corridor-v0", "GoneCorridor-v0"))
+    (in_tmp_dir / "gone.py").write_text(
+        code_block(doc_section("docs/usage.md", "## Train your own environment"), "python").replace(
+            "Corridor-v0", "GoneCorridor-v0"
+        )
+    )
     ppo_discrete.train(tiny_args(ppo_discrete, env_id="gone:GoneCorridor-v0", save_model=True))
     os.remove("gone.py")
     del __import__("sys").modules["gone"]
@@ -328,9 +408,10 @@ def test_atari_accepts_a_module_that_registers_an_ale_game(in_tmp_dir):
     import ppo_atari
 
     (in_tmp_dir / "mygames.py").write_text(
-        'import gymnasium as gym\n'
+        "import gymnasium as gym\n"
         'gym.register("SlowBreakout-v0", entry_point="ale_py.env:AtariEnv",\n'
-        '             kwargs=dict(game="breakout", obs_type="rgb", frameskip=1, repeat_action_probability=0.0))\n')
+        '             kwargs=dict(game="breakout", obs_type="rgb", frameskip=1, repeat_action_probability=0.0))\n'
+    )
     out = run_script("ppo_atari.py", *tiny_argv(ppo_atari, env_id="mygames:SlowBreakout-v0"))
     assert out.returncode == 0, out.stderr
 
@@ -347,8 +428,17 @@ def test_capture_video(ppo, lstm, capfd):
 
 def test_track_with_wandb_offline_adds_no_long_wait(in_tmp_dir):
     start = time.time()
-    out = run_script("ppo_discrete.py", "--total-timesteps", "1024", "--num-steps", "32", "--run-name", "tracked",
-                     "--track", env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    out = run_script(
+        "ppo_discrete.py",
+        "--total-timesteps",
+        "1024",
+        "--num-steps",
+        "32",
+        "--run-name",
+        "tracked",
+        "--track",
+        env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
     assert out.returncode == 0, out.stderr
     assert glob.glob("wandb/offline-run-*") and time.time() - start < 30
 
@@ -357,8 +447,14 @@ def test_health_warnings_are_one_line_per_kind():
     import ppo_discrete
 
     lines = []
-    run = SimpleNamespace(args=ppo_discrete.Args(target_kl=0.01), recent_ev=[], warned=set(), iteration=900,
-                          global_step=0, say=lines.append)
+    run = SimpleNamespace(
+        args=ppo_discrete.Args(target_kl=0.01),
+        recent_ev=[],
+        warned=set(),
+        iteration=900,
+        global_step=0,
+        say=lines.append,
+    )
     check = lambda metrics, vary=True: ppo_discrete.Run.check_health(run, metrics, vary)  # noqa: E731
     good = {"losses/approx_kl": 0.005, "losses/explained_variance": 0.9, "losses/ess": 0.95}
     bad = {"losses/approx_kl": 0.5, "losses/explained_variance": -0.5, "losses/ess": 0.2}
@@ -401,18 +497,26 @@ def saved_run(in_tmp_dir):
     return ppo_discrete
 
 
-@pytest.mark.parametrize("file, argv", [
-    ("agent", ["--eval-checkpoint", "evil.pt"]),
-    ("checkpoint", ["--resume", "evil.pt"]),
-    ("checkpoint", ["--resume", "evil.pt", "--total-timesteps", "2048"]),
-    ("bare", ["--resume", "evil.pt"]),
-    ("bare", ["--eval-checkpoint", "evil.pt"]),
-])
+@pytest.mark.parametrize(
+    "file, argv",
+    [
+        ("agent", ["--eval-checkpoint", "evil.pt"]),
+        ("checkpoint", ["--resume", "evil.pt"]),
+        ("checkpoint", ["--resume", "evil.pt", "--total-timesteps", "2048"]),
+        ("bare", ["--resume", "evil.pt"]),
+        ("bare", ["--eval-checkpoint", "evil.pt"]),
+    ],
+)
 def test_a_file_with_a_payload_is_refused_without_running_it(saved_run, file, argv, capsys):
     data = {"bare": {"evil": Payload()}}.get(file) or {**load(f"runs/tiny/{file}.pt"), "evil": Payload()}
     torch.save(data, "evil.pt")
-    assert_bad_input(saved_run.main, argv, "evil.pt cannot be read as a file of ppo_discrete.py (it holds objects "
-                     "beyond tensors, numbers and strings, which could run code when loaded)", capsys)
+    assert_bad_input(
+        saved_run.main,
+        argv,
+        "evil.pt cannot be read as a file of ppo_discrete.py (it holds objects "
+        "beyond tensors, numbers and strings, which could run code when loaded)",
+        capsys,
+    )
     assert payload_runs() == 0
     out = run_script("ppo_discrete.py", "--help", *argv)
     assert out.returncode == 0 and payload_runs() == 0
@@ -424,8 +528,11 @@ def test_a_checkpoint_s_envs_are_unpickled_only_when_a_resume_passed_every_check
     # episodes. A refused resume never runs it; the documented resume of a file that passes every check runs it once.
     ckpt["ranks"][0]["state"] = pickle.dumps(EnvsPayload(ckpt["ranks"][0]["state"]))
     torch.save(ckpt, "mine.pt")
-    for argv, expected in ((["--learning-rate", "0.1"], "was trained with --learning-rate"),
-                           (["--total-timesteps", "256"], "is less than the"), (["--eval-checkpoint", "x.pt"], "x.pt")):
+    for argv, expected in (
+        (["--learning-rate", "0.1"], "was trained with --learning-rate"),
+        (["--total-timesteps", "256"], "is less than the"),
+        (["--eval-checkpoint", "x.pt"], "x.pt"),
+    ):
         assert saved_run.main(["--resume", "mine.pt", *argv, "--no-progress"]) == 2, capsys.readouterr()
         assert expected in capsys.readouterr().err and payload_runs() == 0
     assert saved_run.main(["--eval-checkpoint", "mine.pt", "--eval-episodes", "1"]) == 0 and payload_runs() == 0
