@@ -16,6 +16,7 @@ by actor and critic, and inputs scaled to [0, 1].
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import importlib
 import io
@@ -32,6 +33,7 @@ import sys
 import threading
 import time
 import traceback
+import typing
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
@@ -478,6 +480,11 @@ def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tens
     return torch.stack([ev, ((var_y > 0) & (var_y.sqrt() > 0.05 * sabs / n)).double()]).float()
 
 
+def stretches(num_envs: int, num_minibatches: int) -> int:
+    """The stretches each env's rollout is cut into with --lstm: the fewest that the minibatches can share evenly."""
+    return num_minibatches // math.gcd(num_envs, num_minibatches)
+
+
 def minibatches(b_inds: torch.Tensor, args: Args, device: torch.device) -> tuple[torch.Tensor, ...]:
     """One epoch's minibatches, as indices into the rollout flattened step by step (t * N + env).
 
@@ -488,7 +495,7 @@ def minibatches(b_inds: torch.Tensor, args: Args, device: torch.device) -> tuple
     if not args.lstm:
         return torch.tensor_split(b_inds[torch.randperm(len(b_inds), device=device)], args.num_minibatches)
     N, M = args.num_envs, args.num_minibatches
-    chunks = M // math.gcd(N, M)
+    chunks = stretches(N, M)
     L = args.num_steps // chunks
     starts = (torch.arange(chunks, device=device)[:, None] * L * N + torch.arange(N, device=device)).flatten()
     steps = torch.arange(L, device=device)[:, None] * N
@@ -758,7 +765,9 @@ class RunError(Exception):
 
 
 def first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first}"
 
 
 def flag(name: str) -> str:
@@ -766,7 +775,8 @@ def flag(name: str) -> str:
 
 
 # --- checks before anything is built ------------------------------------------------------------------------
-POSITIVE, AT_LEAST_0 = (lambda v: v > 0, "positive"), (lambda v: v >= 0, "0 or more")
+POSITIVE = (lambda v: v > 0, "positive")
+AT_LEAST_0 = (lambda v: v >= 0, "0 or more")
 RULES = {  # what the options of every script must be; Part A's OPTION_RULES adds the family's own
     **dict.fromkeys(
         (
@@ -784,50 +794,29 @@ RULES = {  # what the options of every script must be; Part A's OPTION_RULES add
         ),
         POSITIVE,
     ),
-    **dict.fromkeys(("ent_coef", "vf_coef", "checkpoint_every", "checkpoint_minutes", "eval_seed"), AT_LEAST_0),
+    **dict.fromkeys(("ent_coef", "vf_coef", "checkpoint_every", "checkpoint_minutes"), AT_LEAST_0),
     **dict.fromkeys(("gamma", "gae_lambda"), (lambda v: 0 <= v <= 1, "in [0, 1]")),
     "seed": (lambda v: 0 <= v < 2**31, "in [0, 2**31)"),  # numpy's seeds end at 2**32, and evaluation adds 1e9
+    "eval_seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     "torch_threads": (lambda v: 0 <= v <= os.cpu_count(), f"in [0, {os.cpu_count()}], the cores here (0: all)"),
 }
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the network computes in float32: a larger option overflows there
 
 
 def check_args(args: Args) -> None:
     """Refuse bad options and envs before anything is built, in one line naming the value and what would work."""
     for name, value in asdict(args).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UsageError(f"{flag(name)} is {value}; it must be a finite number")
+        if isinstance(value, float) and not abs(value) <= FLOAT32_MAX:
+            raise UsageError(f"{flag(name)} is {value}; it must be a finite number of at most {FLOAT32_MAX:.1e}")
         ok, must = {**RULES, **OPTION_RULES}.get(name, (None, ""))
         if ok is not None and value is not None and not ok(value):
             raise UsageError(f"{flag(name)} is {value}; it must be {must}")
-    # An episode's end costs a step that only resets its env, so L steps in a row hold at least L // 2 transitions;
-    # normalizing a minibatch's advantages needs two. With --lstm a minibatch takes whole sequences: each env's
-    # rollout, cut into c = m / gcd(num_envs, m) stretches when there are fewer envs than minibatches (minibatches()).
-    batch, N, T, m = args.batch_size, args.num_envs, args.num_steps, args.num_minibatches
-
-    def fits(d: int) -> bool:
-        if not args.lstm:
-            return batch % d == 0 and N * (T // 2) >= 2 * d
-        c = d // math.gcd(N, d)
-        return T % c == 0 and N * c // d * (T // c // 2) >= 2
-
-    if not fits(m):  # the nearest count that fits, searched outward from m (a batch may hold billions of steps)
-        near = next((d for k in range(batch + m) for d in (m - k, m + k) if 0 < d <= batch and fits(d)), None)
-        hint = f"e.g. {near}" if near else "raise --num-steps"
-        what = (
-            "whole env sequences (each env's rollout, or equal stretches of it when there are fewer envs than "
-            "minibatches)"
-            if args.lstm
-            else "an equal share of it"
-        )
-        raise UsageError(
-            f"--num-minibatches {m} does not fit the batch (num_envs * num_steps = {N} * {T} = {batch}"
-            f"{', --lstm' if args.lstm else ''}): each minibatch takes {what} and needs 2 transitions "
-            f"where half the steps only reset an env; {hint}"
-        )
+    check_minibatches(args)
     if args.num_iterations == 0:
+        ranks = " * ranks" if args.world_size > 1 else ""
         raise UsageError(
-            f"--total-timesteps {args.total_timesteps} is less than one batch ({batch * args.world_size} ="
-            f" num_envs * num_steps{' * ranks' if args.world_size > 1 else ''}); raise it"
+            f"--total-timesteps {args.total_timesteps} is less than one batch "
+            f"({args.batch_size * args.world_size} = num_envs * num_steps{ranks}); raise it"
         )
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())  # --env-id module:Env-v0 finds module.py in the current folder too
@@ -835,6 +824,52 @@ def check_args(args: Args) -> None:
         check_env(args.env_id)
     except (gym.error.Error, ImportError, ValueError) as e:
         raise UsageError(f"--env-id {args.env_id}: {first_line(e)}") from None
+
+
+def check_minibatches(args: Args) -> None:
+    """Every minibatch must hold 2 transitions to normalize its advantages, where half the steps may only reset an env
+    (an episode's end costs a step that is not learned from). With --lstm a minibatch takes whole env sequences, cut
+    as minibatches() cuts them."""
+    batch = args.batch_size
+    m = args.num_minibatches
+
+    def fits(count: int) -> bool:
+        if batch % count:
+            return False
+        if not args.lstm:
+            return args.num_envs * (args.num_steps // 2) >= 2 * count
+        cuts = stretches(args.num_envs, count)
+        if args.num_steps % cuts:
+            return False
+        sequences = args.num_envs * cuts // count
+        return sequences * (args.num_steps // cuts // 2) >= 2
+
+    if fits(m):
+        return
+    near = nearest(m, fits, batch)
+    hint = f"e.g. {near}" if near else "raise --num-steps"
+    if args.lstm:
+        what = "whole env sequences (each env's rollout, or equal stretches of it when there are fewer envs than "
+        what += "minibatches)"
+    else:
+        what = "an equal share of it"
+    lstm = ", --lstm" if args.lstm else ""
+    raise UsageError(
+        f"--num-minibatches {m} does not fit the batch (num_envs * num_steps = {args.num_envs} * {args.num_steps} = "
+        f"{batch}{lstm}): each minibatch takes {what} and needs 2 transitions where half the steps only reset an env; "
+        f"{hint}"
+    )
+
+
+def nearest(start: int, fits: Callable[[int], bool], limit: int) -> Optional[int]:
+    """The number in [1, limit] nearest start for which fits() holds, searched outward (a batch may hold billions of
+    steps, and a count asked for may be larger still)."""
+    start = min(start, limit)
+    for distance in range(limit):
+        for count in (start - distance, start + distance):
+            if 0 < count <= limit and fits(count):
+                return count
+    return None
 
 
 # Options that only watch the run, or step its envs another way (the same episodes), may change on resume, and so may
@@ -860,20 +895,38 @@ FREE_ON_RESUME = (
 CHECKPOINT_FORMAT = 3
 
 
+CHECKPOINT_PARTS = {"iteration": int, "global_step": int, "ranks": list, "episodes": list, "elapsed": (int, float)}
+
+
 def load_checkpoint(args: Args) -> dict:
-    """The checkpoint to resume from, once it is known to continue this run as an uninterrupted one would."""
-    ckpt, path = load_file(args.resume, "--resume"), args.resume
+    """The checkpoint to resume from, once it is known to continue this run as an uninterrupted one would, in its own
+    folder, which no finished run holds."""
+    path = args.resume
+    ckpt = load_file(path, "--resume")
     if "optimizer" not in ckpt:
         raise UsageError(f"--resume {path} is a saved agent, not a checkpoint (runs/<run_name>/checkpoint.pt)")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"--resume {path} was written by another version of {ckpt.get('script')}; finish it with that")
+    for part, kind in CHECKPOINT_PARTS.items():
+        if not isinstance(ckpt.get(part), kind):
+            raise UsageError(f"--resume {path} has no valid '{part}'; it is not a whole checkpoint of {SCRIPT}")
+    saved = saved_args(ckpt, f"--resume {path}")
     for name, value in asdict(args).items():  # an option the checkpoint predates had its default value
-        if name not in FREE_ON_RESUME and getattr(saved_args(ckpt), name) != value:
+        if name not in FREE_ON_RESUME and getattr(saved, name) != value:
             raise UsageError(
-                f"--resume {path} was trained with {flag(name)} {getattr(saved_args(ckpt), name)}, not "
-                f"{value}; a resumed run goes on as it started (only the budget and what watches it may "
-                "change)"
+                f"--resume {path} was trained with {flag(name)} {getattr(saved, name)}, not {value}; a resumed run "
+                "goes on as it started (only the budget and what watches it may change)"
             )
+    if args.run_name != saved.run_name:
+        raise UsageError(
+            f"--run-name {args.run_name}: a resumed run goes on in its own folder, runs/{saved.run_name}; drop "
+            "--run-name"
+        )
+    if has_finished(os.path.join("runs", saved.run_name)):
+        raise UsageError(
+            f"--resume {path}: the run runs/{saved.run_name} has finished, and its results are never written again; "
+            "a checkpoint continues an unfinished run only (to train longer, start a new run)"
+        )
     if len(ckpt["ranks"]) != args.world_size:
         raise UsageError(
             f"--resume {path} was written by {len(ckpt['ranks'])} process(es), not {args.world_size}; "
@@ -884,8 +937,16 @@ def load_checkpoint(args: Args) -> dict:
             f"--total-timesteps {args.total_timesteps} is less than the {ckpt['global_step']} steps "
             f"{path} has already trained"
         )
-    args.run_name = ckpt["args"]["run_name"]  # a resumed run goes on in its own folder
     return ckpt
+
+
+def has_finished(folder: str) -> bool:
+    """Whether the run in this folder trained to its end (its summary.json says so)."""
+    try:
+        with open(os.path.join(folder, "summary.json")) as f:
+            return json.load(f).get("finished") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # --- data-parallel training (torchrun) ----------------------------------------------------------------------
@@ -931,7 +992,20 @@ def vector_env(recipes: list, async_envs: bool, pending: Optional[np.ndarray] = 
     """The recipes' envs stepped as one: one after another here, or each in a process of its own (--async-envs)."""
     pending = np.zeros(len(recipes), bool) if pending is None else pending
     checked = [functools.partial(EnvCheck, recipe, i, p) for i, (recipe, p) in enumerate(zip(recipes, pending))]
-    return gym.vector.AsyncVectorEnv(checked) if async_envs else gym.vector.SyncVectorEnv(checked)
+    return AsyncEnvs(checked) if async_envs else gym.vector.SyncVectorEnv(checked)
+
+
+class AsyncEnvs(gym.vector.AsyncVectorEnv):
+    """gymnasium's AsyncVectorEnv, whose worker's error reaches the run as it was raised, in one line: gymnasium logs
+    every failed worker's traceback before raising it."""
+
+    def _raise_if_errors(self, successes) -> None:
+        level = gym.logger.min_level
+        gym.logger.min_level = gym.logger.ERROR + 1
+        try:
+            super()._raise_if_errors(successes)
+        finally:
+            gym.logger.min_level = level
 
 
 class EnvCheck(gym.Wrapper):
@@ -1056,97 +1130,194 @@ def write_file(path: str, data: bytes | dict) -> None:
         raise RunError(f"cannot write {path} ({e.strerror}); the last good file there, if any, is kept") from None
 
 
-LOADED: dict = {}  # the file main() read for the options, handed on to the run: each file is read once per invocation
-
-
-def load_file(path: str, what: str, keep: bool = False) -> dict:
+def load_file(path: str, what: str) -> dict:
     """A saved agent or checkpoint of this env family, read with weights_only=True: no code stored in it runs."""
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a folder; pass the file in it, e.g. {os.path.join(path, 'checkpoint.pt')}")
     if not os.path.isfile(path):
-        raise UsageError(
-            f"{what} {path} is a folder; pass the file in it, e.g. {os.path.join(path, 'checkpoint.pt')}"
-            if os.path.isdir(path)
-            else f"{what} {path} does not exist; pass a file such as runs/<run_name>/checkpoint.pt or agent.pt"
-        )
-    stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
-    data = LOADED.pop(key, None)
-    if data is None:
-        why = (
-            (
-                "a checkpoint holds its envs pickled, and resuming one runs code from it: resume only your own runs, "
-                "share agent.pt"
-            )
-            if what == "--resume"
-            else "no code stored in it was run"
-        )
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch's own message would advise weights_only=False: the very risk refused here
-            cause = (
-                "it holds objects beyond tensors, numbers and strings, which could run code when loaded"
-                if isinstance(e, pickle.UnpicklingError)
-                else first_line(e)
-            )
-            raise UsageError(f"{what} {path} cannot be read as a file of {SCRIPT} ({cause}); {why}") from None
-        if not isinstance(data, dict) or not isinstance(data.get("args"), dict) or "model" not in data:
-            raise UsageError(f"{what} {path} is not a file written by {SCRIPT}; {why}")
-        family = data.get("family", str(data.get("script")).removeprefix("ppo_"))  # older files name their script
-        if family != FAMILY:
-            raise UsageError(f"{what} {path} holds a {family} agent; this script trains {FAMILY} ones")
-    if keep:
-        LOADED[key] = data
+        raise UsageError(f"{what} {path} does not exist; pass a file such as runs/<run_name>/checkpoint.pt or agent.pt")
+    if what == "--resume":
+        why = "a checkpoint holds its envs pickled, and resuming one runs code from it: resume only your own runs, "
+        why += "share agent.pt"
+    else:
+        why = "no code stored in it was run"
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's own message would advise weights_only=False: the very risk refused here
+        cause = "it holds objects beyond tensors, numbers and strings, which could run code when loaded"
+        raise UsageError(f"{what} {path} cannot be read as a file of {SCRIPT} ({cause}); {why}") from None
+    except Exception as e:
+        raise UsageError(f"{what} {path} cannot be read as a file of {SCRIPT} ({first_line(e)}); {why}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("args"), dict) or not isinstance(data.get("model"), dict):
+        raise UsageError(f"{what} {path} is not a file written by {SCRIPT}; {why}")
+    family = data.get("family", str(data.get("script")).removeprefix("ppo_"))  # older files name their script
+    if family != FAMILY:
+        raise UsageError(f"{what} {path} holds a {family} agent; this script trains {FAMILY} ones")
     return data
 
 
 def load_weights(module: nn.Module, state: dict, what: str) -> None:
     try:
         module.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{what} does not fit this network ({first_line(e)})") from None
 
 
-def saved_args(data: dict) -> Args:
-    """The options a saved agent or checkpoint was trained with (options it does not know keep their defaults)."""
-    return Args(**{k: v for k, v in data["args"].items() if k in Args.__dataclass_fields__})
+def check_shapes(module: nn.Module, state: dict, what: str) -> None:
+    """Refuse weights that do not fit the module, by their shapes alone (the module may be on the meta device)."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if found != expected:
+        name = sorted(set(expected) ^ set(found) or {k for k in expected if expected[k] != found[k]})[0]
+        raise UsageError(
+            f"{what} does not fit the network its options describe ({name}: {found.get(name)} in the file, "
+            f"{expected.get(name)} by its options)"
+        )
+
+
+def saved_args(data: dict, what: str) -> Args:
+    """The options a saved agent or checkpoint was trained with (options it does not know keep their defaults), each
+    of its option's type: a file's options steer nothing until they are known to be options."""
+    hints = typing.get_type_hints(Args)
+    for name, value in data["args"].items():
+        if name in hints and not of_type(value, hints[name]):
+            raise UsageError(
+                f"{what} holds {flag(name)} {value!r}, not a value of that option; it is not a file of {SCRIPT}"
+            )
+    return Args(**{k: v for k, v in data["args"].items() if k in hints})
+
+
+def of_type(value, hint) -> bool:
+    """Whether value is one of an Args field's type (Optional[int]: None or an int; a float option takes an int)."""
+    if typing.get_origin(hint) is typing.Literal:
+        return value in typing.get_args(hint)
+    kinds = typing.get_args(hint) or (hint,)
+    if float in kinds:
+        kinds = (*kinds, int)
+    if isinstance(value, bool):
+        return bool in kinds
+    return isinstance(value, kinds)
+
+
+def claim_folder(folder: str, resuming: bool) -> int:
+    """Make the run folder (a resumed run's own may exist), and lock it for this process's life: a second process is
+    refused while the first runs, and the lock goes with the process however it ends. A folder left empty by a run
+    stopped before it wrote anything is taken over. Returns the lock's file descriptor."""
+    try:
+        os.makedirs(folder)
+    except FileExistsError:
+        if not resuming and os.listdir(folder):
+            checkpoint = os.path.join(folder, "checkpoint.pt")
+            advice = "choose another --run-name"
+            if os.path.isfile(checkpoint) and not has_finished(folder):
+                advice += f", or continue that run with --resume {checkpoint}"
+            raise UsageError(f"{folder} holds another run; {advice}") from None
+    except OSError as e:
+        raise UsageError(f"cannot make the run folder {folder} ({e.strerror})") from None
+    lock = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(lock)
+        raise UsageError(f"{folder} is in use by another running process; wait for it to end") from None
+    probe = os.path.join(folder, f".writable.{os.getpid()}")
+    try:  # it must take a file before anything trains
+        write_file(probe, b"")
+        os.remove(probe)
+    except (RunError, OSError) as e:
+        os.close(lock)
+        raise UsageError(f"the run folder {folder} is not writable ({e})") from None
+    return lock
+
+
+def start_wandb(args: Args, run_dir: str, wandb_id: Optional[str]):
+    """A Weights & Biases run mirroring the TensorBoard log (wandb_id: the one a resumed run goes on in)."""
+    wandb = importlib.import_module("wandb")
+    wandb.tensorboard.patch(root_logdir=run_dir)  # names stay unprefixed, and no 10 s wait at exit
+    try:
+        return wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            id=wandb_id,
+            config=asdict(args),
+            name=args.run_name,
+            sync_tensorboard=True,
+            save_code=True,
+            resume="allow" if wandb_id else None,
+        )
+    except Exception as e:
+        wandb.tensorboard.unpatch()
+        raise UsageError(
+            f"--track: Weights & Biases did not start ({first_line(e)}); run `wandb login`, or set WANDB_MODE=offline"
+        ) from None
+
+
+def quiet_log_thread(hook: threading.ExceptHookArgs) -> None:
+    """TensorBoard's writer thread re-raises a disk fault that Run.flush reports in one line: no traceback for it."""
+    if type(hook.thread).__name__ == "_AsyncWriterThread" and issubclass(hook.exc_type, OSError):
+        return
+    threading.__excepthook__(hook)
 
 
 # --- the run: everything around train()'s loop --------------------------------------------------------------
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+# Only a run started from the command line catches them (set below, under __main__): code that imports this file,
+# a test session among it, stops on Ctrl-C and SIGTERM as any Python program does.
+CATCH_SIGNALS = False
 
 
 class Run:
-    """One training run's machinery, reached from train() by one-line calls: Run(args) checks the options and the env,
-    reads the checkpoint to resume from, joins torchrun, seeds the random streams and makes the run folder; start()
-    resumes or resets the envs, opens the logs and catches Ctrl-C and SIGTERM; iterations() gives the update numbers
-    and, between updates, checkpoints and stops after a signal; record(), check_finite() and log_update() watch the
-    steps and updates. Leaving the `with` block writes the result files however the run ended."""
+    """One training run's machinery, reached from train() by one-line calls. Leaving its `with` block writes the result
+    files however the run ended."""
 
     def __init__(self, args: Args, stop_at_step: Optional[int] = None):
+        """Check the options and the env, read the checkpoint to resume from, join torchrun, seed the random streams,
+        and claim the run folder."""
         check_args(args)
-        self.args, self.stop_at_step = args, stop_at_step
+        self.args = args
+        self.stop_at_step = stop_at_step
         self.resumed = load_checkpoint(args) if args.resume else None
         self.rank, self.world_size, self.device = init_distributed(args.cuda)
         self.main = self.rank == 0  # the rank that logs, shows progress and writes files
         if args.cuda and self.device.type != "cuda" and self.main:
             print("note: no CUDA GPU is available; running on the CPU (--no-cuda silences this)", file=sys.stderr)
-        self.run_dir = os.path.join("runs", self.run_name())
-        self.video_dir = os.path.join("videos", args.run_name) if args.capture_video and self.main else None
         random.seed(args.seed + self.rank)  # each rank its own random streams; rank 0 (and a plain run) uses --seed
         np.random.seed(args.seed + self.rank)
         torch.manual_seed(args.seed + self.rank)
         torch.backends.cudnn.deterministic = args.torch_deterministic
         if args.torch_threads:
             torch.set_num_threads(args.torch_threads)
-        self.episodes, self.scalars, self.update_times, self.recent_ev, self.warned = [], [], [], [], set()
-        self.global_step, self.first_iteration, self.iteration, self.elapsed_before, self.next_line = 0, 1, 0, 0.0, 0
-        self.envs = self.writer = self.wandb = self.signal = self.checkpoint_path = None
-        self.handlers: dict = {}
-        self.interrupted = self.updating = self.closing = self.drawn = False
+        self.episodes = []
+        self.scalars = []
+        self.update_times = []
+        self.recent_ev = []
+        self.warned = set()
+        self.global_step = 0
+        self.first_iteration = 1
+        self.iteration = 0
+        self.elapsed_before = 0.0
+        self.next_line = 0
+        self.envs = None
+        self.writer = None
+        self.wandb = None
+        self.signal = None
+        self.checkpoint_path = args.resume  # the last checkpoint on disk, offered in the closing line
+        self.started = False
+        self.interrupted = False
+        self.updating = False
+        self.closing = False
+        self.drawn = False
+        self.lock = None
+        self.run_dir = os.path.join("runs", self.run_name())
+        self.video_dir = os.path.join("videos", args.run_name) if args.capture_video and self.main else None
+        self.handlers = {}
+        if CATCH_SIGNALS and threading.current_thread() is threading.main_thread():
+            self.handlers = {signum: signal.signal(signum, self.on_signal) for signum in SIGNAL_NAMES}
 
     def run_name(self) -> str:
-        """Make runs/<run_name>, this run's alone (a default name ends in a random suffix), or find the resumed run's
-        own; it must be writable before anything trains."""
-        args, name = self.args, self.args.run_name
+        """Name the run (a default name ends in a random suffix) and claim its folder, this run's alone."""
+        args = self.args
+        name = args.run_name
         if name is not None and (os.path.basename(name) != name or name in ("", ".", "..")):
             raise UsageError(f"--run-name {name!r} is not a plain folder name; a run's files go to runs/<run_name>")
         if self.main and not name:
@@ -1156,19 +1327,9 @@ class Run:
             names = [name]
             dist.broadcast_object_list(names, src=0)  # rank 0 names the run
             name = names[0]
-        args.run_name, folder = name, os.path.join("runs", name)
-        try:
-            if self.main:
-                os.makedirs(folder, exist_ok=bool(args.resume))
-                write_file(os.path.join(folder, ".writable"), b"")  # it must take a file before anything trains
-                os.remove(os.path.join(folder, ".writable"))
-        except FileExistsError:
-            raise UsageError(
-                f"{folder} holds another run; choose another --run-name, or continue that run with "
-                f"--resume {folder}/checkpoint.pt"
-            ) from None
-        except (RunError, OSError) as e:
-            raise UsageError(f"the run folder {folder} is not writable ({e})") from None
+        args.run_name = name
+        if self.main:
+            self.lock = claim_folder(os.path.join("runs", name), resuming=bool(args.resume))
         return name
 
     def __enter__(self) -> "Run":
@@ -1217,38 +1378,29 @@ class Run:
         optimizer.found_inf = torch.zeros((), device=self.device)  # fused Adam skips its step while this is set
         if self.main:
             if args.track:  # Weights & Biases mirrors TensorBoard; a resumed run goes on in its own wandb run
-                wandb = importlib.import_module("wandb")
-                wandb.tensorboard.patch(root_logdir=self.run_dir)  # names stay unprefixed, and no 10 s wait at exit
-                wandb_id = ckpt["wandb_id"] if ckpt else None
-                self.wandb = wandb.init(
-                    project=args.wandb_project_name,
-                    entity=args.wandb_entity,
-                    id=wandb_id,
-                    config=asdict(args),
-                    name=args.run_name,
-                    sync_tensorboard=True,
-                    save_code=True,
-                    resume="allow" if wandb_id else None,
-                )
+                self.wandb = start_wandb(args, self.run_dir, ckpt["wandb_id"] if ckpt else None)
             # A resumed run hides what was logged after its checkpoint, so no step shows twice.
-            self.writer = SummaryWriter(self.run_dir, purge_step=ckpt["global_step"] + 1 if ckpt else None)
+            purge_step = ckpt["global_step"] + 1 if ckpt else None
+            threading.excepthook = quiet_log_thread
+            self.writer = SummaryWriter(self.run_dir, purge_step=purge_step)
             if not ckpt:
-                self.writer.add_text(
-                    "hyperparameters",
-                    "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()),
-                )
-        if threading.current_thread() is threading.main_thread():
-            self.handlers = {signum: signal.signal(signum, self.on_signal) for signum in SIGNAL_NAMES}
-        self.start_time = self.last_checkpoint = time.time()
-        self.start_step, self.done_step, self.episodes_sent = self.global_step, self.global_step, len(self.episodes)
+                rows = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+                self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + rows)
+        self.start_time = time.time()
+        self.last_checkpoint = self.start_time
+        self.start_step = self.global_step
+        self.done_step = self.global_step
+        self.episodes_sent = len(self.episodes)
+        self.started = True
         return envs
 
     def on_signal(self, signum, frame) -> None:
-        # The first Ctrl-C or SIGTERM lets the update finish, then a checkpoint is written; a second one quits at once.
-        # Once the run is over (its results being written), a signal changes nothing.
+        # The first Ctrl-C or SIGTERM lets the update finish, then a checkpoint is written; a second one quits at once,
+        # and so does one before training starts (the folder, with nothing in it yet, is removed). Once the run is over
+        # (its results being written), a signal changes nothing.
         if self.closing:
             return
-        if self.signal is not None:
+        if self.signal is not None or not self.started:
             raise KeyboardInterrupt(signum)  # main() exits with 128 + signum, as the signal itself would
         self.signal = signum
         self.say(
@@ -1400,22 +1552,20 @@ class Run:
     def checkpoint(self, after_crash: bool = False) -> None:
         """Write runs/<run>/checkpoint.pt, all a resumed run needs to go on as an uninterrupted one would, as tensors,
         numbers and bytes (the envs, pickled). After a crash: the last completed update, without envs (new episodes)."""
-        iteration, step = (self.iteration - 1, self.done_step) if after_crash else (self.iteration, self.global_step)
-        ranks = [
-            {
-                **rank_state(self.envs, not after_crash),
-                "carried": [torch.as_tensor(b[-1]).cpu().clone() for b in self.buffers],
-            }
-        ]
+        iteration = self.iteration - 1 if after_crash else self.iteration
+        step = self.done_step if after_crash else self.global_step
+        mine = rank_state(self.envs, not after_crash)
+        mine["carried"] = [torch.as_tensor(b[-1]).cpu().clone() for b in self.buffers]
+        ranks = [mine]
         if self.world_size > 1:  # parameters and Adam are the same on every rank; envs and random streams are not
-            ranks, mine = ([None] * self.world_size if self.main else None), ranks[0]
+            ranks = [None] * self.world_size if self.main else None
             dist.gather_object(mine, ranks, dst=0)
         self.last_checkpoint = time.time()
         if self.main:
             self.flush()  # every scalar up to this update is on disk, so a crash now loses none of them
-            self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
+            path = os.path.join(self.run_dir, "checkpoint.pt")
             write_file(
-                self.checkpoint_path,
+                path,
                 {
                     "family": FAMILY,
                     "script": SCRIPT,
@@ -1432,6 +1582,7 @@ class Run:
                     "wandb_id": self.wandb.id if self.wandb else None,
                 },
             )
+            self.checkpoint_path = path  # only once it is on disk: the closing line offers it
             if ranks[0]["new_episodes"] and not after_crash and "envs" not in self.warned:
                 self.warned.add("envs")
                 self.say(
@@ -1472,6 +1623,7 @@ class Run:
         unexpected = isinstance(error, Exception) and not isinstance(error, (UsageError, RunError)) and not memory
         if unexpected:
             traceback.print_exception(kind, error, trace)
+        errors_shown = {str(error)}
         try:
             if self.main and self.writer is not None:
                 # A crash outside an update leaves the last completed one intact: keep it (under torchrun the other
@@ -1495,7 +1647,8 @@ class Run:
         except RunError as e:  # a disk fault while writing them
             if error is None:
                 raise
-            print(f"error: {e}", file=sys.stderr)
+            if str(e) not in errors_shown:  # main() shows the run's own error
+                print(f"error: {e}", file=sys.stderr)
         finally:
             with contextlib.suppress(Exception):  # an env's process that died with the run: nothing left to close
                 self.envs.close()
@@ -1505,25 +1658,29 @@ class Run:
                 dist.destroy_process_group()
             for signum, handler in self.handlers.items():
                 signal.signal(signum, handler)
-        if memory or unexpected:
-            raise RunError(
-                f"out of memory ({first_line(error)}); lower --num-envs or --num-steps, or raise --num-minibatches"
-                if memory
-                else f"training stopped by {first_line(error)} (traceback above)"
-            ) from None
+            threading.excepthook = threading.__excepthook__
+            if self.lock is not None:
+                os.close(self.lock)  # the run folder is free for a resume
+        if memory:
+            sizes = "--lstm-hidden-size, --num-envs or --num-steps" if self.args.lstm else "--num-envs or --num-steps"
+            raise RunError(f"out of memory ({first_line(error)}); lower {sizes}, or raise --num-minibatches") from None
+        if unexpected:
+            raise RunError(f"training stopped by {first_line(error)} (traceback above)") from None
 
     def finish(self, error: Optional[BaseException]) -> str:
         """Every finished episode to episodes.csv and the run's totals to summary.json (plain files for a spreadsheet
         or the benchmark); returns the run's closing line."""
-        args, elapsed, step, returns = self.args, self.elapsed(), self.global_step, [e[2] for e in self.episodes]
-        rows = "".join(
-            f"{s},{t},{r},{n}\n" for s, t, r, n in [("global_step", "time_s", "return", "length"), *self.episodes]
-        )
-        write_file(os.path.join(self.run_dir, "episodes.csv"), rows.encode())
-        finished = (
-            error is None and not self.interrupted and step >= args.num_iterations * args.batch_size * args.world_size
-        )
-        final, sps = float(np.mean(returns[-100:])) if returns else None, round(step / max(elapsed, 1e-9), 1)
+        args = self.args
+        elapsed = self.elapsed()
+        step = self.global_step
+        returns = [e[2] for e in self.episodes]
+        rows = [("global_step", "time_s", "return", "length"), *self.episodes]
+        csv = "".join(f"{s},{t},{r},{n}\n" for s, t, r, n in rows)
+        write_file(os.path.join(self.run_dir, "episodes.csv"), csv.encode())
+        total = args.num_iterations * args.batch_size * args.world_size
+        finished = error is None and not self.interrupted and step >= total
+        final = float(np.mean(returns[-100:])) if returns else None
+        sps = round(step / max(elapsed, 1e-9), 1)
         write_file(
             os.path.join(self.run_dir, "summary.json"),
             json.dumps(
@@ -1542,46 +1699,75 @@ class Run:
                 indent=1,
             ).encode(),
         )
-        head = (
-            "finished"
-            if finished
-            else "stopped by an error"
-            if isinstance(error, Exception)
-            else f"stopped by {SIGNAL_NAMES.get(self.signal, 'a signal')}"
-            if self.signal
-            else "stopped"
-        )
-        ended = (
-            "no episode finished"
-            if final is None
-            else f"final return {final:.2f} (mean of the last {min(100, len(returns))} episodes)"
-        )
+        if finished:
+            head = "finished"
+        elif isinstance(error, Exception):
+            head = "stopped by an error"
+        elif self.signal:
+            head = f"stopped by {SIGNAL_NAMES.get(self.signal, 'a signal')}"
+        else:
+            head = "stopped"
+        if final is None:
+            ended = "no episode finished"
+        else:
+            ended = f"final return {final:.2f} (mean of the last {min(100, len(returns))} episodes)"
         line = (
             f"{head}: {step:,} of {args.total_timesteps:,} steps in {elapsed:.0f} s ({sps:,.0f} steps/s), {ended}; "
             f"files in {self.run_dir} (tensorboard --logdir runs)"
         )
-        if self.checkpoint_path and not finished:
+        if not finished and self.checkpoint_path and os.path.isfile(self.checkpoint_path):
             command = f"python {SCRIPT}" if self.world_size == 1 else "the same torchrun command with"
-            line += f"\ncheckpoint written; continue with: {command} --resume {self.checkpoint_path}"
+            line += f"\ncontinue from the last checkpoint with: {command} --resume {self.checkpoint_path}"
         return line
 
 
 # --- evaluation of a saved agent, and the command line ------------------------------------------------------
 EVAL_SEED_OFFSET = 1_000_000_000  # evaluation episodes are seeded apart from every training env
+# What --eval-checkpoint takes; the saved agent brings every other option. --env-id only names the saved one, so that
+# its module (module:Env-v0) is imported because the user said so, never because a shared file did.
+EVAL_OPTIONS = {
+    "eval_checkpoint",
+    "eval_episodes",
+    "eval_seed",
+    "eval_deterministic",
+    "capture_video",
+    "env_id",
+    "progress",
+}
 
 
 def evaluate(
-    path: str, episodes: int, seed: Optional[int] = None, deterministic: bool = False, video_dir: Optional[str] = None
+    path: str,
+    episodes: int,
+    seed: Optional[int] = None,
+    deterministic: bool = False,
+    video_dir: Optional[str] = None,
+    env_id: Optional[str] = None,
 ) -> tuple[np.ndarray, int]:
     """Play `episodes` episodes with a saved agent or checkpoint (none of its code runs): their returns and the env
-    seed, EVAL_SEED_OFFSET + the training seed by default. deterministic: the most likely action, not a sample."""
-    data = load_file(path, "--eval-checkpoint")
-    args = dataclasses.replace(saved_args(data), async_envs=False)  # one env: no process of its own
+    seed, EVAL_SEED_OFFSET + the training seed by default. deterministic: the most likely action, not a sample.
+    env_id: the env as the user named it, which alone may import a module (module:Env-v0)."""
+    what = f"--eval-checkpoint {path}"
+    data = load_file(path, what.split()[0])
+    saved = saved_args(data, what)
+    if env_id is not None and env_id != saved.env_id:
+        raise UsageError(f"--env-id {env_id}: {what} was trained on {saved.env_id}; drop --env-id, or name that one")
+    if ":" in saved.env_id and env_id is None:
+        module = saved.env_id.split(":")[0]
+        raise UsageError(
+            f"{what} was trained on --env-id {saved.env_id}, which imports the module {module}; a file never imports "
+            f"code by itself: pass --env-id {saved.env_id} to import it"
+        )
+    args = dataclasses.replace(saved, async_envs=False)  # one env: no process of its own
     check_args(args)  # the env's module imports, or one line says why not
     envs = make_envs(args, 1, video_dir)
     load_env_stats(envs, data.get("env_stats", {}))
-    agent = Agent(envs, args.lstm_hidden_size if args.lstm else 0)
-    load_weights(agent, data["model"], f"--eval-checkpoint {path}")
+    lstm_size = args.lstm_hidden_size if args.lstm else 0
+    with torch.device("meta"):  # the network the options describe, without memory: it must fit the weights first
+        shell = Agent(envs, lstm_size)
+    check_shapes(shell, data["model"], what)
+    agent = Agent(envs, lstm_size)
+    load_weights(agent, data["model"], what)
     seed = EVAL_SEED_OFFSET + args.seed if seed is None else seed
     torch.manual_seed(seed)
     returns, (next_obs, _) = [], envs.reset(seed=seed)
@@ -1605,20 +1791,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         if len(paths) > 1:
             raise UsageError(f"--resume is given {len(paths)} times ({', '.join(paths)}); give it once")
         # With --resume, the checkpoint's options are the defaults: only what is given again changes. --help reads none.
-        read = paths and not {"-h", "--help"} & set(argv)
-        default = saved_args(load_file(paths[0], "--resume", keep=True)) if read else None
+        default = None
+        if paths and not {"-h", "--help"} & set(argv):
+            default = saved_args(load_file(paths[0], "--resume"), f"--resume {paths[0]}")
         args = tyro.cli(Args, args=argv, default=default, description=__doc__.split("\n")[0])
         if args.eval_checkpoint:
             if args.world_size > 1:
                 raise UsageError("--eval-checkpoint plays in one process; run it with python, not torchrun")
+            unused = sorted(given_options(argv) - EVAL_OPTIONS)
+            if unused:
+                raise UsageError(
+                    f"{flag(unused[0])} is not used by --eval-checkpoint, which plays the saved agent with the "
+                    "options it was trained with; drop it"
+                )
             check_args(args)
             folder = os.path.basename(os.path.dirname(os.path.abspath(args.eval_checkpoint)))
+            video_dir = os.path.join("videos", "eval-" + folder) if args.capture_video else None
+            env_id = args.env_id if "env_id" in given_options(argv) else None
             returns, seed = evaluate(
-                args.eval_checkpoint,
-                args.eval_episodes,
-                args.eval_seed,
-                args.eval_deterministic,
-                os.path.join("videos", "eval-" + folder) if args.capture_video else None,
+                args.eval_checkpoint, args.eval_episodes, args.eval_seed, args.eval_deterministic, video_dir, env_id
             )
             mode = "deterministic actions" if args.eval_deterministic else "actions sampled from the policy"
             print(
@@ -1633,7 +1824,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt as e:
         print("interrupted", file=sys.stderr)
         return 128 + (e.args[0] if e.args else signal.SIGINT)
+    except BrokenPipeError:  # the reader of the output left (--help | head): nothing more to say, and no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 128 + result["signal"] if result["interrupted"] else 0
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The options named on the command line, as Args fields (--no-cuda names cuda)."""
+    names = set()
+    for word in argv:
+        if not word.startswith("--"):
+            continue
+        name = word[2:].split("=")[0].replace("-", "_")
+        if name not in Args.__dataclass_fields__:
+            name = name.removeprefix("no_")
+        names.add(name)
+    return names
 
 
 def exit_with(code: int) -> None:
@@ -1649,4 +1856,5 @@ def exit_with(code: int) -> None:
 
 
 if __name__ == "__main__":
+    CATCH_SIGNALS = True
     exit_with(main())

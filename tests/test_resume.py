@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,6 +88,7 @@ def test_resume_refuses_an_option_that_changes_the_run(ppo, option, value, named
 
 def test_resume_allows_what_only_watches_the_run_and_a_longer_budget(ppo, capsys):
     path, batch = checkpointed(ppo), tiny_args(ppo).batch_size
+    assert_bad_input(ppo.main, ["--resume", path, "--total-timesteps", str(batch)], "is less than the", capsys)
     assert (
         ppo.main(
             [
@@ -105,7 +107,6 @@ def test_resume_allows_what_only_watches_the_run_and_a_longer_budget(ppo, capsys
         == 0
     )
     assert load(path)["global_step"] == 6 * batch and os.path.exists("runs/tiny/agent.pt")
-    assert_bad_input(ppo.main, ["--resume", path, "--total-timesteps", str(2 * batch)], "is less than the", capsys)
 
 
 def test_files_that_are_not_this_script_s_checkpoints_are_refused(ppo, capsys):
@@ -153,8 +154,13 @@ def test_async_envs_play_the_same_episodes_and_resume_exactly(ppo):
     assert same_params(inline["agent"].state_dict(), straight["agent"].state_dict())
     assert inline["episodes"]["returns"] == straight["episodes"]["returns"]
     ppo.train(tiny_args(ppo, run_name="cut", async_envs=True, checkpoint_every=2, **kw), stop_at_step=20)
-    for name, async_envs in (("a", True), ("b", False)):  # how the envs are stepped does not change the run
-        resumed = ppo.train(tiny_args(ppo, run_name=name, async_envs=async_envs, resume="runs/cut/checkpoint.pt", **kw))
+    shutil.copytree("runs/cut", "cut")
+    for async_envs in (True, False):  # how the envs are stepped does not change the run
+        shutil.rmtree("runs/cut")
+        shutil.copytree("cut", "runs/cut")  # the stopped run again: a finished one is never resumed
+        resumed = ppo.train(
+            tiny_args(ppo, run_name="cut", async_envs=async_envs, resume="runs/cut/checkpoint.pt", **kw)
+        )
         assert same_params(straight["agent"].state_dict(), resumed["agent"].state_dict())
         assert straight["episodes"]["returns"] == resumed["episodes"]["returns"]
 
@@ -228,7 +234,7 @@ def test_sigterm_writes_the_checkpoint_and_the_results_and_the_run_resumes_exact
     assert json.load(open("runs/cut/summary.json"))["finished"] is False and "stopped by SIGTERM" in err
     assert (
         err.strip().splitlines()[-1]
-        == "checkpoint written; continue with: python ppo_discrete.py --resume runs/cut/checkpoint.pt"
+        == "continue from the last checkpoint with: python ppo_discrete.py --resume runs/cut/checkpoint.pt"
     )
     assert run_script("ppo_discrete.py", "--resume", "runs/cut/checkpoint.pt").returncode == 0
     assert same_params(load("runs/straight/agent.pt")["model"], load("runs/cut/agent.pt")["model"])
@@ -274,10 +280,11 @@ def test_ctrl_c_to_the_whole_process_group_with_async_envs_still_checkpoints(in_
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert 0 < load("runs/group/checkpoint.pt")["global_step"] < 400000
-    assert "continue with: python ppo_discrete.py --resume runs/group/checkpoint.pt" in err
+    assert "checkpoint with: python ppo_discrete.py --resume runs/group/checkpoint.pt" in err
 
 
 def test_a_signal_in_the_last_update_lets_the_run_finish_and_one_after_it_changes_nothing(ppo, monkeypatch):
+    monkeypatch.setattr(ppo, "CATCH_SIGNALS", True)  # as under __main__
     gae, calls, finish = ppo.compute_gae, [], ppo.Run.finish
 
     def ctrl_c_in_the_last(*a, **kw):
@@ -295,6 +302,7 @@ def test_a_signal_in_the_last_update_lets_the_run_finish_and_one_after_it_change
 
 
 def test_ctrl_c_in_the_update_that_ends_the_run_early_still_checkpoints(ppo, monkeypatch):
+    monkeypatch.setattr(ppo, "CATCH_SIGNALS", True)  # as under __main__
     gae = ppo.compute_gae
     monkeypatch.setattr(ppo, "compute_gae", lambda *a, **kw: signal.raise_signal(signal.SIGINT) or gae(*a, **kw))
     result = ppo.train(tiny_args(ppo), stop_at_step=tiny_args(ppo).batch_size)
@@ -353,7 +361,10 @@ def test_a_crash_in_the_env_keeps_the_last_completed_update(name, capsys, monkey
     assert "RuntimeError: the env's own bug" in err and "Traceback" in err  # the env's own traceback, to debug it
     lines = err.strip().splitlines()
     assert lines[-3].startswith("stopped by an error: ") and "of 1,280 steps" in lines[-3]
-    assert lines[-2] == f"checkpoint written; continue with: python {ppo.__name__}.py --resume runs/crash/checkpoint.pt"
+    assert (
+        lines[-2]
+        == f"continue from the last checkpoint with: python {ppo.__name__}.py --resume runs/crash/checkpoint.pt"
+    )
     assert lines[-1] == "error: training stopped by RuntimeError: the env's own bug (traceback above)"
     ckpt = load("runs/crash/checkpoint.pt")
     assert (ckpt["iteration"], ckpt["global_step"]) == (2, 256) and all(e[0] <= 256 for e in ckpt["episodes"])

@@ -64,7 +64,11 @@ BAD = [  # (script, argv, what the line must say)
     ("ppo_discrete", ["--target-kl", "0"], "--target-kl is 0.0"),
     ("ppo_discrete", ["--seed", "-1"], "--seed is -1; it must be in [0, 2**31)"),
     ("ppo_discrete", ["--seed", "4294967296"], "--seed is 4294967296"),
-    ("ppo_discrete", ["--eval-seed", "-5"], "--eval-seed is -5; it must be 0 or more"),
+    ("ppo_discrete", ["--eval-seed", "-5"], "--eval-seed is -5; it must be in [0, 2**32)"),
+    ("ppo_discrete", ["--eval-seed", "100000000000000000000000"], "--eval-seed is 100000000000000000000000; it must"),
+    ("ppo_discrete", ["--num-minibatches", "1000000000"], "--num-minibatches 1000000000 does not fit the batch"),
+    ("ppo_discrete", ["--num-minibatches", "1000000000000"], "e.g. 128"),
+    ("ppo_discrete", ["--clip-coef", "1e308"], "--clip-coef is 1e+308; it must be a finite number of at most 3.4e+38"),
     ("ppo_discrete", ["--torch-threads", "100000"], "--torch-threads is 100000; it must be in [0, "),
     ("ppo_discrete", ["--run-name", ".."], "--run-name '..' is not a plain folder name"),
     ("ppo_discrete", ["--run-name", "a/b"], "--run-name 'a/b' is not a plain folder name"),
@@ -304,8 +308,7 @@ def test_default_run_names_never_collide_and_a_run_folder_is_never_shared(in_tmp
     name = os.path.basename(folders[0])
     out = run_script("ppo_discrete.py", "--run-name", name, "--total-timesteps", "512")
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        f"error: runs/{name} holds another run; choose another --run-name, or continue that run with --resume "
-        f"runs/{name}/checkpoint.pt"
+        f"error: runs/{name} holds another run; choose another --run-name"  # finished: nothing to resume
     ]
     assert load(f"runs/{name}/agent.pt")["args"]["learning_rate"] in (1e-3, 1e-4)
 
@@ -386,7 +389,8 @@ def test_evaluating_an_agent_of_an_env_whose_module_is_gone_is_one_line(in_tmp_d
     os.remove("gone.py")
     del __import__("sys").modules["gone"]
     gym.registry.pop("GoneCorridor-v0")
-    assert_bad_input(ppo_discrete.main, ["--eval-checkpoint", "runs/tiny/agent.pt"], "No module named 'gone'", capsys)
+    argv = ["--eval-checkpoint", "runs/tiny/agent.pt", "--env-id", "gone:GoneCorridor-v0"]
+    assert_bad_input(ppo_discrete.main, argv, "No module named 'gone'", capsys)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -493,7 +497,9 @@ def payload_runs() -> int:
 def saved_run(in_tmp_dir):
     import ppo_discrete
 
-    ppo_discrete.train(tiny_args(ppo_discrete, checkpoint_every=1, save_model=True))
+    # Stopped after 3 of its 4 updates: its checkpoint continues an unfinished run.
+    args = tiny_args(ppo_discrete, checkpoint_every=1, save_model=True)
+    ppo_discrete.train(args, stop_at_step=3 * args.batch_size)
     return ppo_discrete
 
 
@@ -531,7 +537,7 @@ def test_a_checkpoint_s_envs_are_unpickled_only_when_a_resume_passed_every_check
     for argv, expected in (
         (["--learning-rate", "0.1"], "was trained with --learning-rate"),
         (["--total-timesteps", "256"], "is less than the"),
-        (["--eval-checkpoint", "x.pt"], "x.pt"),
+        (["--eval-checkpoint", "x.pt"], "--resume is not used by --eval-checkpoint"),
     ):
         assert saved_run.main(["--resume", "mine.pt", *argv, "--no-progress"]) == 2, capsys.readouterr()
         assert expected in capsys.readouterr().err and payload_runs() == 0
@@ -540,7 +546,8 @@ def test_a_checkpoint_s_envs_are_unpickled_only_when_a_resume_passed_every_check
     monkeypatch.setattr(saved_run.torch, "load", lambda *a, **kw: loads.append(a[0]) or real_load(*a, **kw))
     shutil.copy("mine.pt", "again.pt")
     assert saved_run.main(["--resume", "again.pt", "--total-timesteps", "2048", "--no-progress"]) == 0
-    assert payload_runs() == 1 and [f for f in loads if isinstance(f, str)] == ["again.pt"]  # read once, unpickled once
+    # Read with weights_only (for the options, then for the run), its envs unpickled once.
+    assert payload_runs() == 1 and [f for f in loads if isinstance(f, str)] == ["again.pt", "again.pt"]
 
 
 class EnvsPayload:
