@@ -33,7 +33,7 @@ import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import ale_py
 import cloudpickle  # comes with gymnasium; pickles the vector env (with its env factories) for exact resume
@@ -104,7 +104,7 @@ class Args:
     """probability that the emulator repeats the previous action (default: the id's own, 0 for v4, 0.25 for v5)"""
     frame_stack: int = 4
     """frames the agent sees at once (detail 7); with --lstm, 1 is the usual choice: the LSTM remembers the rest"""
-    env_backend: str = "gymnasium"
+    env_backend: Literal["gymnasium", "ale-vector"] = "gymnasium"
     """gymnasium (the reference preprocessing, gymnasium's wrappers) or ale-vector (ale-py's threaded C++ vector env:
     faster, a slightly different preprocessing, and a resumed run starts new episodes; docs/usage.md)"""
     total_timesteps: int = 10_000_000
@@ -156,10 +156,6 @@ class Args:
         return self.num_envs * self.num_steps
 
     @property
-    def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
-
-    @property
     def num_iterations(self) -> int:
         return self.total_timesteps // (self.batch_size * self.world_size)
 
@@ -168,7 +164,6 @@ FAMILY = "atari"  # the env family of this script's saved agents: another script
 OPTION_RULES = {
     "sticky_actions": (lambda v: 0 <= v < 1, "in [0, 1) (0.25 is ALE v5's default)"),  # and RULES
     "frame_stack": (lambda v: v > 0, "positive"),
-    "env_backend": (lambda v: v in ("gymnasium", "ale-vector"), "gymnasium or ale-vector"),
 }
 
 

@@ -153,10 +153,6 @@ class Args:
         return self.num_envs * self.num_steps
 
     @property
-    def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
-
-    @property
     def num_iterations(self) -> int:
         return self.total_timesteps // (self.batch_size * self.world_size)
 

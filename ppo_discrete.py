@@ -143,10 +143,6 @@ class Args:
         return self.num_envs * self.num_steps
 
     @property
-    def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
-
-    @property
     def num_iterations(self) -> int:
         return self.total_timesteps // (self.batch_size * self.world_size)
 
@@ -183,16 +179,16 @@ def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym
     (reward 0, action ignored): the loop never trains on that step, and the observation returned when an episode
     ends is its true final one, which truncation bootstraps from."""
     recipes = [make_env(args.env_id, i, video_dir) for i in range(num_envs)]
-    probe = make_env(args.env_id, 0)()
-    masked = args.action_masks and has_masks(probe, args.env_id)
     # CartPole also comes as a numpy-native vector env that steps all copies at once, several times faster
     # than N envs one by one. It bypasses make_env, so it is used only while make_env makes what gym.make does.
-    if (
-        video_dir is None
-        and not args.async_envs
-        and gym.spec(args.env_id.split(":")[-1]).vector_entry_point
-        and made_alike(probe, gym.make(args.env_id))
-    ):
+    spec = gym.spec(args.env_id.split(":")[-1])
+    native = video_dir is None and not args.async_envs and spec.vector_entry_point is not None
+    with make_env(args.env_id, 0)() as probe:
+        masked = args.action_masks and has_masks(probe, args.env_id)
+        if native:
+            with gym.make(args.env_id) as plain:
+                native = made_alike(probe, plain)
+    if native:
         envs = gym.make_vec(args.env_id, num_envs=num_envs, vectorization_mode="vector_entry_point")
     else:
         envs = vector_env(recipes, args.async_envs)  # one after another in this process, or each in its own
@@ -633,7 +629,6 @@ def made_alike(env: gym.Env, other: gym.Env) -> bool:
     """Whether env was made as other: the same wrappers, and the same arguments to gym.make."""
     kinds = [[], []]
     for kind, e in zip(kinds, (env, other)):
-        e.close()
         while isinstance(e, gym.Wrapper):
             kind.append(type(e))
             e = e.env
