@@ -761,11 +761,10 @@ class SharedStatistics:
     def __init__(self, envs: gym.vector.VectorEnv, resumed: bool):
         self.stats = [obs_normalizer(envs).obs_rms, reward_normalizer(envs).return_rms]
         # What all ranks share as of the last merge: nothing yet, or the checkpoint's statistics.
-        self.synced = (
-            copy.deepcopy(self.stats)
-            if resumed
-            else [gym.wrappers.utils.RunningMeanStd(shape=np.shape(rms.mean)) for rms in self.stats]
-        )
+        if resumed:
+            self.synced = copy.deepcopy(self.stats)
+        else:
+            self.synced = [gym.wrappers.utils.RunningMeanStd(shape=np.shape(rms.mean)) for rms in self.stats]
 
     def merge(self) -> None:
         if not (dist.is_available() and dist.is_initialized()):
@@ -776,7 +775,8 @@ class SharedStatistics:
             return np.concatenate([[rms.count], rms.count * mean, rms.count * (np.ravel(rms.var) + mean**2)])
 
         for rms, old in zip(self.stats, self.synced):
-            total = all_sum(torch.from_numpy(sums(rms))).numpy() - (dist.get_world_size() - 1) * sums(old)
+            summed = all_sum(torch.from_numpy(sums(rms))).numpy()
+            total = summed - (dist.get_world_size() - 1) * sums(old)  # the common part counted once
             n = total[0]
             dim = np.size(rms.mean)
             mean = total[1 : 1 + dim] / n

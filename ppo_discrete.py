@@ -706,7 +706,8 @@ class ActionMasks(gym.vector.VectorWrapper):
         return self.append(obs, info, terminated | truncated), reward, terminated, truncated, info
 
     def append(self, obs: np.ndarray, info: dict, ended: np.ndarray = False) -> np.ndarray:
-        mask = np.asarray(info.get("action_mask", np.zeros((len(obs), 0)))).reshape(len(obs), -1)
+        no_mask = np.zeros((len(obs), 0))
+        mask = np.asarray(info.get("action_mask", no_mask)).reshape(len(obs), -1)
         if mask.shape[1] != self.mask_size:
             raise UsageError(
                 f"--env-id {self.env_id} gave an action mask of {mask.shape[1]} entries, not one per "
