@@ -493,10 +493,10 @@ def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tens
 def minibatches(b_inds: torch.Tensor, args: Args, device: torch.device) -> tuple[torch.Tensor, ...]:
     """One epoch's minibatches (core detail 6), as indices into the rollout flattened step by step (t * N + env).
 
-    Feedforward: the transitions (b_inds) shuffled and split. With --lstm, whole sequences in time order (LSTM
-    detail 4), each an (L, sequences) block: every env's rollout, cut into `chunks` stretches of L consecutive steps
-    where there are fewer envs than minibatches (chunks = M / gcd(N, M): the fewest that M minibatches can share
-    evenly), shuffled and split. The update replays them and then drops the steps that only reset an env."""
+    Feedforward: the transitions (b_inds) shuffled and split. With --lstm, whole sequences in time order
+    (LSTM detail 4), each an (L, sequences) block: every env's rollout, cut into `chunks` stretches of L consecutive
+    steps where there are fewer envs than minibatches (chunks = M / gcd(N, M): the fewest that M minibatches can
+    share evenly), shuffled and split. The update replays them and then drops the steps that only reset an env."""
     if not args.lstm:
         return torch.tensor_split(b_inds[torch.randperm(len(b_inds), device=device)], args.num_minibatches)
     N = args.num_envs

@@ -214,8 +214,8 @@ def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym
     # Running mean/std of observations, shared by all envs (continuous detail 6), then clipped (continuous detail 7).
     envs = gym.wrappers.vector.NormalizeObservation(envs)
     envs = gym.wrappers.vector.TransformObservation(envs, lambda obs: np.clip(obs, -args.clip_obs, args.clip_obs))
-    # Rewards divided by the running std of the discounted return (continuous detail 8), then clipped (continuous
-    # detail 9).
+    # Rewards divided by the running std of the discounted return (continuous detail 8),
+    # then clipped (continuous detail 9).
     envs = ScaleReward(envs, gamma=args.gamma)
     return gym.wrappers.vector.TransformReward(
         envs, lambda reward: np.clip(reward, -args.clip_reward, args.clip_reward)
@@ -273,10 +273,10 @@ OBS_DTYPE = torch.float32
 
 
 class Agent(nn.Module):
-    """Separate actor and critic MLPs (64-64 tanh; continuous detail 4). The policy is a normal distribution
-    (continuous detail 1) whose log std is a learned vector that does not depend on the state (continuous detail 2),
-    with independent action components (continuous detail 3). With --lstm, one LSTM below both MLPs, which the
-    policy loss alone trains. obs is (B, *observation shape); an action (B, action dims).
+    """Separate actor and critic MLPs (64-64 tanh; core detail 13, continuous detail 4). The policy is a normal
+    distribution (continuous detail 1) whose log std is a learned vector that does not depend on the state
+    (continuous detail 2), with independent action components (continuous detail 3). With --lstm, one LSTM below both
+    MLPs, which the policy loss alone trains. obs is (B, *observation shape); an action (B, action dims).
 
     What train() and evaluate() call, the same in all three scripts (keep it when you swap the network):
         act(obs, state=None, goes_on=True, deterministic=False) -> (action, state): a sample of the policy, or its
@@ -488,10 +488,10 @@ def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tens
 def minibatches(b_inds: torch.Tensor, args: Args, device: torch.device) -> tuple[torch.Tensor, ...]:
     """One epoch's minibatches (core detail 6), as indices into the rollout flattened step by step (t * N + env).
 
-    Feedforward: the transitions (b_inds) shuffled and split. With --lstm, whole sequences in time order (LSTM
-    detail 4), each an (L, sequences) block: every env's rollout, cut into `chunks` stretches of L consecutive steps
-    where there are fewer envs than minibatches (chunks = M / gcd(N, M): the fewest that M minibatches can share
-    evenly), shuffled and split. The update replays them and then drops the steps that only reset an env."""
+    Feedforward: the transitions (b_inds) shuffled and split. With --lstm, whole sequences in time order
+    (LSTM detail 4), each an (L, sequences) block: every env's rollout, cut into `chunks` stretches of L consecutive
+    steps where there are fewer envs than minibatches (chunks = M / gcd(N, M): the fewest that M minibatches can
+    share evenly), shuffled and split. The update replays them and then drops the steps that only reset an env."""
     if not args.lstm:
         return torch.tensor_split(b_inds[torch.randperm(len(b_inds), device=device)], args.num_minibatches)
     N = args.num_envs
