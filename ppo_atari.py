@@ -10,7 +10,7 @@ loss (ppo_loss) and the training loop (train). Part B, below its banner, runs th
 Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (arXiv:1707.06347); the implementation
 details follow Huang et al. 2022, "The 37 Implementation Details of PPO" (ICLR blog track), including
 its nine for Atari: no-op reset, frame skip with max-pooling, end-of-life as end of the episode for
-learning, FIRE on reset, reward sign clipping, 84x84 grayscale, 4 stacked frames, the Nature CNN shared
+learning, FIRE on reset, 84x84 grayscale, reward sign clipping, 4 stacked frames, the Nature CNN shared
 by actor and critic, and inputs scaled to [0, 1].
 """
 
@@ -35,7 +35,7 @@ import time
 import traceback
 import typing
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import ale_py
 import cloudpickle  # comes with gymnasium; pickles the vector env (with its env factories) for exact resume
@@ -50,6 +50,8 @@ from ale_py.vector_env import AtariVectorEnv
 from torch.utils.tensorboard import SummaryWriter
 
 gym.register_envs(ale_py)  # the ROMs ship inside the ale-py wheel: ALE/<Game>-v5 and <Game>NoFrameskip-v4
+# The cores this process may run on: AleVectorEnv's threads, and whether --async-envs is on by default.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 @dataclass
@@ -105,8 +107,8 @@ class Args:
     sticky_actions: Optional[float] = None
     """probability that the emulator repeats the previous action (default: the id's own, 0 for v4, 0.25 for v5)"""
     frame_stack: int = 4
-    """frames the agent sees at once (detail 7); with --lstm, 1 is the usual choice: the LSTM remembers the rest"""
-    env_backend: str = "gymnasium"
+    """frames the agent sees at once (Atari detail 7); with --lstm, 1 is usual: the LSTM remembers the rest"""
+    env_backend: Literal["gymnasium", "ale-vector"] = "gymnasium"
     """gymnasium (the reference preprocessing, gymnasium's wrappers) or ale-vector (ale-py's threaded C++ vector env:
     faster, a slightly different preprocessing, and a resumed run starts new episodes; docs/usage.md)"""
     total_timesteps: int = 10_000_000
@@ -117,7 +119,7 @@ class Args:
     """decay the learning rate linearly to 0 over training"""
     num_envs: int = 8
     """parallel environments per process (under torchrun each rank runs this many)"""
-    async_envs: bool = len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count())) > 8
+    async_envs: bool = CORES > 8
     """step each emulator in a process of its own (AsyncVectorEnv); on by default with more cores than the 8 envs"""
     num_steps: int = 128
     """steps per env in each rollout (batch = num_envs * num_steps transitions)"""
@@ -158,19 +160,15 @@ class Args:
         return self.num_envs * self.num_steps
 
     @property
-    def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
-
-    @property
     def num_iterations(self) -> int:
         return self.total_timesteps // (self.batch_size * self.world_size)
 
 
 FAMILY = "atari"  # the env family of this script's saved agents: another script refuses them
+# What this script's own options must be, beside the common ones (Part B's RULES).
 OPTION_RULES = {
-    "sticky_actions": (lambda v: 0 <= v < 1, "in [0, 1) (0.25 is ALE v5's default)"),  # and RULES
+    "sticky_actions": (lambda v: 0 <= v < 1, "in [0, 1) (0.25 is ALE v5's default)"),
     "frame_stack": (lambda v: v > 0, "positive"),
-    "env_backend": (lambda v: v in ("gymnasium", "ale-vector"), "gymnasium or ale-vector"),
 }
 
 
@@ -178,10 +176,8 @@ OPTION_RULES = {
 def make_env(
     env_id: str, idx: int, video_dir: Optional[str] = None, sticky_actions: Optional[float] = None, frame_stack: int = 4
 ) -> Callable[[], gym.Env]:
-    """The recipe for env number idx of a vector env, with the Atari preprocessing.
-
-    The one place for a wrapper of your own: every env of every run (training, video, evaluation) is made here.
-    """
+    """The recipe for env number idx. The one place for a wrapper of your own: every env of every run (training,
+    video, evaluation) is made here."""
 
     def thunk():
         # Frame skipping is done by AtariPreprocessing (with a max over the last two frames), so the
@@ -194,52 +190,56 @@ def make_env(
             env = gym.wrappers.RecordVideo(env, video_dir, disable_logger=True)
         else:
             env = gym.make(env_id, **kwargs)
-        # Up to 30 no-ops at reset, skip 4 frames with a max over the last two, 84x84 grayscale.
-        # Life loss is handled in the training loop, so the emulator is reset only on game over.
+        # Up to 30 no-ops at reset (Atari detail 1), 4 frames skipped with a max over the last two (Atari detail 2),
+        # 84x84 grayscale (Atari detail 5). A lost life ends an episode in the training loop (Atari detail 3): the
+        # emulator is reset only on game over.
         env = gym.wrappers.AtariPreprocessing(
             env, noop_max=30, frame_skip=4, screen_size=84, terminal_on_life_loss=False, grayscale_obs=True
         )
-        env = FireOnReset(env)
-        return gym.wrappers.FrameStackObservation(env, frame_stack)
+        env = FireOnReset(env)  # Atari detail 4
+        return gym.wrappers.FrameStackObservation(env, frame_stack)  # Atari detail 7
 
     return thunk
 
 
 def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym.vector.VectorEnv:
-    """num_envs envs stepped as one batch (detail 1), with episode statistics of the real game score and
+    """num_envs envs stepped as one batch (core detail 1), with episode statistics of the real game score, and
     rewards clipped to their sign.
 
-    Every gymnasium 1.x vector env autoresets on the NEXT step: the step after an episode ends returns
-    the first observation of the next episode with reward 0 and ignores the action. The training loop
-    marks those steps as not-a-transition (`valid`) and never trains on them; the observation returned
-    when an episode ends is then the true final observation, which is what truncation needs.
+    A gymnasium vector env resets an env on the step after its episode ended (reward 0, action ignored): the training
+    loop never trains on that step, and the observation returned when an episode ends is its true final one, which
+    truncation bootstraps from.
     """
     if args.env_backend == "ale-vector":  # every emulator stepped by C++ threads
         if video_dir is not None:
             raise UsageError("--capture-video records through gymnasium's wrappers; leave --env-backend at gymnasium")
         envs = AleVectorEnv(args.env_id, num_envs, args.sticky_actions, args.frame_stack)
-    else:  # one after another in this process, or each emulator in a process of its own (--async-envs)
+    else:
         recipes = [make_env(args.env_id, i, video_dir, args.sticky_actions, args.frame_stack) for i in range(num_envs)]
+        # One after another in this process, or each in a process of its own (--async-envs).
         envs = vector_env(recipes, args.async_envs)
     # Statistics before clipping: the reported return is the game score over all lives, unclipped.
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
-    # Learning sees only the reward's sign, so one set of hyperparameters fits every game (detail 5).
+    # Learning sees only the reward's sign, so one set of hyperparameters fits every game (Atari detail 6).
     return gym.wrappers.vector.TransformReward(envs, np.sign)
 
 
 # --- Network ------------------------------------------------------------------------------------------------
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
-    # Orthogonal init, gain sqrt(2) for hidden layers (implementation detail 2).
+    # Orthogonal weights, gain sqrt(2) for hidden layers, and constant biases (core detail 2).
     nn.init.orthogonal_(layer.weight, std)
     nn.init.constant_(layer.bias, bias_const)
     return layer
 
 
-# --- Recurrence (--lstm): the five LSTM details of Huang et al. 2022 ----------------------------------------
+# --- Recurrence (--lstm): LSTM details 1-3 (4 and 5: minibatches, train) ------------------------------------
 def lstm_init(lstm: nn.LSTM) -> nn.LSTM:
     # Orthogonal weights (gain 1) and zero biases (LSTM detail 1), as in the reference implementation.
     for name, param in lstm.named_parameters():
-        nn.init.orthogonal_(param, 1.0) if name.startswith("weight") else nn.init.zeros_(param)
+        if name.startswith("weight"):
+            nn.init.orthogonal_(param, 1.0)
+        else:
+            nn.init.zeros_(param)
     return lstm
 
 
@@ -255,13 +255,19 @@ def recur(lstm: nn.LSTM, x: torch.Tensor, state: torch.Tensor, goes_on) -> tuple
         return h, torch.cat([h, c], -1) * keep
     h, c = (s.unsqueeze(0).contiguous() for s in state.chunk(2, -1))
     # One call of the LSTM per stretch without an episode's end: its time loop runs in C++ (oneDNN), not here.
-    ends = torch.nonzero(keep.amin((1, 2)) == 0).flatten().tolist()
-    outputs, start = [], 0
-    for end in [*(t + 1 for t in ends if t + 1 < len(x)), len(x)]:
+    last_steps = torch.nonzero(keep.amin((1, 2)) == 0).flatten().tolist()  # where some env's episode ends
+    ends = [t + 1 for t in last_steps if t + 1 < len(x)] + [len(x)]
+    outputs = []
+    start = 0
+    for end in ends:
         out, (h, c) = lstm(x[start:end], (h, c))
-        h, c, start = h * keep[end - 1], c * keep[end - 1], end
         outputs.append(out)
-    return torch.cat(outputs) if len(outputs) > 1 else outputs[0], torch.cat([h[0], c[0]], -1)
+        ended = keep[end - 1]
+        h = h * ended
+        c = c * ended
+        start = end
+    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    return out, torch.cat([h[0], c[0]], -1)
 
 
 def sample(logits: torch.Tensor) -> torch.Tensor:
@@ -275,21 +281,23 @@ OBS_DTYPE = torch.uint8
 
 
 class Agent(nn.Module):
-    """The Nature DQN CNN (Mnih et al. 2015), shared by the actor and critic heads.
+    """The Nature-CNN trunk (Mnih et al. 2015) shared by the actor and critic heads (Atari detail 8, core detail 13):
+    all three calls below go through forward(obs, state, goes_on) -> (logits, value, state), one pass of the trunk.
+    With --lstm, an LSTM between the trunk and both heads, as in the reference's ppo_atari_lstm.py. obs is
+    (B, frame_stack, 84, 84) uint8 frames; an action (B,).
 
     What train() and evaluate() call, the same in all three scripts (keep it when you swap the network):
-        act(obs, state, goes_on, deterministic=False) -> (action, state)   a sample of the policy, or its most
-                                                                            likely action
-        get_value(obs, state=None) -> value                                 the critic's V(obs)
-        get_action_and_value(obs, action=None, state=None, goes_on=None) -> (action, log-prob, entropy, value, state)
+        act(obs, state=None, goes_on=True, deterministic=False) -> (action, state): a sample of the policy, or its
+            most likely action
+        get_value(obs, state=None) -> value: the critic's V(obs)
+        get_action_and_value(obs, action=None, state=None, goes_on=True) -> (action, log-prob, entropy, value, state):
             under the current parameters, for the given actions (or for sampled ones when action is None)
-        state_size                                                          0, or 2 * the LSTM's units (--lstm)
-    obs is a batch (B, frame_stack, 84, 84) of uint8 frames; the action, log-prob, entropy and value of each are (B,).
-    A recurrent agent (--lstm) carries a state (B, state_size), zero at an episode's start, from each step to the
-    next; goes_on (B,) is False where obs is its episode's last (see recur). It also takes whole sequences: obs
-    (L, B, ...), goes_on (L, B), the state before their first step; the outputs are then (L, B, ...). Without an
-    LSTM the state passes through untouched, and sequences are batches like any other.
-    Here all three go through forward(obs, state, goes_on) -> (logits, value, state): one pass of the shared trunk.
+        state_size: 0, or 2 * the LSTM's units (--lstm)
+    obs and actions are batches (B, ...); log-probs, entropies and values (B,). A recurrent agent (--lstm) carries a
+    state (B, state_size), zero at an episode's start, from each step to the next; goes_on (B,) is False where obs is
+    its episode's last (see recur). It also takes whole sequences: obs (L, B, ...), goes_on (L, B), the state before
+    their first step; the outputs are then (L, B, ...). Without an LSTM the state passes through untouched, and
+    sequences are batches like any other.
     """
 
     def __init__(self, envs: gym.vector.VectorEnv, lstm_size: int = 0):
@@ -305,8 +313,8 @@ class Agent(nn.Module):
             layer_init(nn.Linear(64 * 7 * 7, 512)),
             nn.ReLU(),
         )
-        # --lstm: an LSTM between the trunk and both heads, as in the reference's ppo_atari_lstm.py.
-        self.lstm, self.state_size = lstm_init(nn.LSTM(512, lstm_size)) if lstm_size else None, 2 * lstm_size
+        self.lstm = lstm_init(nn.LSTM(512, lstm_size)) if lstm_size else None
+        self.state_size = 2 * lstm_size  # h and c side by side
         # A 0.01 gain makes the first policy nearly uniform over actions, so early exploration is broad.
         self.actor = layer_init(nn.Linear(lstm_size or 512, int(envs.single_action_space.n)), std=0.01)
         self.critic = layer_init(nn.Linear(lstm_size or 512, 1), std=1.0)
@@ -314,7 +322,7 @@ class Agent(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     def forward(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None, goes_on=True):
-        """Policy logits, value and the next state. uint8 frames in, [0, 1] floats to the network (detail 9)."""
+        """Policy logits, value and the next state. uint8 frames in, [0, 1] floats to the network (Atari detail 9)."""
         frames = obs.flatten(0, -4)  # a sequence's (L, B) frames go through the CNN as one batch
         hidden = self.network(frames.contiguous(memory_format=torch.channels_last) / 255.0)
         # Under --bf16 only the trunk runs in bfloat16: its 8-bit mantissa would bias the sampling noise
@@ -330,7 +338,8 @@ class Agent(nn.Module):
 
     def act(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None, goes_on=True, deterministic: bool = False):
         logits, _, state = self(obs, state, goes_on)
-        return (logits.argmax(-1) if deterministic else sample(logits)), state
+        action = logits.argmax(-1) if deterministic else sample(logits)
+        return action, state
 
     def get_action_and_value(
         self,
@@ -359,16 +368,18 @@ def compute_gae(
     gamma: float,
     gae_lambda: float,
 ) -> torch.Tensor:
-    """GAE (Schulman et al. 2016, arXiv:1506.02438) over a rollout of T steps of N envs. rewards, terminations, dones:
-    (T, N), the outcome of step t's action as 0/1 floats (dones: terminated or truncated); values: (T + 1, N), V of
-    every observation including the one after the last step; where an episode ends at t, obs_{t+1} is its final one.
+    """GAE (core detail 5; Schulman et al. 2016, arXiv:1506.02438) over a rollout of T steps of N envs. rewards,
+    terminations, dones: (T, N), the outcome of step t's action as 0/1 floats (dones: terminated or truncated); values:
+    (T + 1, N), V of every observation including the one after the last step; where an episode ends at t, obs_{t+1}
+    is its final one.
 
     Truncation is not termination: a time-limit cut bootstraps from V(final observation), and only a real terminal
     state is worth 0. Either way the recursion stops at the episode's end. The result is a target: no gradient."""
     with torch.no_grad():
         deltas = rewards + gamma * values[1:] * (1.0 - terminations) - values[:-1]
         discounts = gamma * gae_lambda * (1.0 - dones)
-        advantages, next_advantage = [], torch.zeros_like(deltas[0])
+        advantages = []
+        next_advantage = torch.zeros_like(deltas[0])
         for delta, discount in zip(deltas.flip(0), discounts.flip(0)):  # backwards in time
             next_advantage = delta + discount * next_advantage
             advantages.append(next_advantage)
@@ -378,13 +389,15 @@ def compute_gae(
 # --- PPO loss -----------------------------------------------------------------------------------------------
 def mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of x, under torchrun of every rank's x together (count, sum, sum of squares summed over ranks)."""
-    n, total, squares = all_sum(torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double())
+    sums = torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double()
+    n, total, squares = all_sum(sums)
     mean = total / n
-    return mean, ((squares - n * mean**2) / (n - 1)).clamp_min(0).sqrt()
+    var = (squares - n * mean**2) / (n - 1)
+    return mean, var.clamp_min(0).sqrt()
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Zero mean and unit std over the minibatch (detail 7); under torchrun over every rank's part of it together."""
+    """Zero mean and unit std over the minibatch (core detail 7); under torchrun over every rank's part of it."""
     mean, std = mean_std(x)  # in float64
     return ((x - mean) / (std + 1e-8)).to(x.dtype)
 
@@ -412,17 +425,19 @@ def ppo_loss(
     # Importance sampling: the batch was drawn from the old policy, ratio = pi_new / pi_old.
     logratio = newlogp - oldlogp
     ratio = logratio.exp()
-    # The pessimistic minimum gives zero gradient once the ratio leaves [1 - eps, 1 + eps] in the
-    # direction the advantage favours: no incentive to move the policy further from the old one.
-    pg_loss = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)).mean()
+    # The clipped surrogate (core detail 8). The pessimistic minimum gives zero gradient once the ratio leaves
+    # [1 - eps, 1 + eps] in the direction the advantage favours: no incentive to move further from the old policy.
+    clipped_ratio = torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
+    pg_loss = torch.max(-advantages * ratio, -advantages * clipped_ratio).mean()
 
     if clip_vloss:
-        # Value clipping (implementation detail 9): the critic moves at most clip_coef from its old value.
+        # Value loss clipping (core detail 9): the critic moves at most clip_coef from its old value.
         v_clipped = oldvalue + torch.clamp(newvalue - oldvalue, -clip_coef, clip_coef)
         v_loss = 0.5 * torch.max((newvalue - returns) ** 2, (v_clipped - returns) ** 2).mean()
     else:
         v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
 
+    # The overall loss, with an entropy bonus (core detail 10).
     entropy_loss = entropy.mean()
     loss = pg_loss - ent_coef * entropy_loss + vf_coef * v_loss
 
@@ -437,47 +452,44 @@ def ppo_loss(
 
 # --- Training -----------------------------------------------------------------------------------------------
 def policy_shift(logratio: torch.Tensor, clip_coef: float) -> dict[str, torch.Tensor]:
-    """How far the new policy moved from the one that collected the batch, from log(pi_new / pi_old).
-
-    Means over every rank's samples under torchrun, so that all ranks take the same target-KL decision.
-    """
+    """How far the new policy moved from the one that collected the batch, from log(pi_new / pi_old): the debug
+    variables of core detail 12. Means over every rank's samples under torchrun, so that all ranks take the same
+    target-KL decision."""
     with torch.no_grad():
-        w = logratio.exp()
-        sums = all_sum(
-            torch.stack(
-                [
-                    logratio.new_tensor(logratio.numel()),
-                    # KL(old || new) estimators, http://joschu.net/blog/kl-approx.html: the naive -log r and the
-                    # unbiased, always non-negative (r - 1) - log r.
-                    -logratio.sum(),
-                    ((w - 1) - logratio).sum(),
-                    ((w - 1.0).abs() > clip_coef).float().sum(),
-                    w.sum(),
-                    (w**2).sum(),
-                ]
-            )
-        )
-        n = sums[0]
+        ratio = logratio.exp()
+        local = [
+            logratio.new_tensor(logratio.numel()),
+            # KL(old || new) estimators, http://joschu.net/blog/kl-approx.html: the naive -log r and the
+            # unbiased, always non-negative (r - 1) - log r.
+            -logratio.sum(),
+            ((ratio - 1) - logratio).sum(),
+            ((ratio - 1.0).abs() > clip_coef).float().sum(),
+            ratio.sum(),
+            (ratio**2).sum(),
+        ]
+        n, naive_kl, kl, clipped, ratios, squares = all_sum(torch.stack(local))
         return {
-            "old_approx_kl": sums[1] / n,
-            "approx_kl": sums[2] / n,
-            "clipfrac": sums[3] / n,
+            "old_approx_kl": naive_kl / n,
+            "approx_kl": kl / n,
+            "clipfrac": clipped / n,
             # Effective sample size of the importance weights as a fraction of the batch: 1 while
             # new == old, falling toward 0 as a few samples dominate the gradient estimate.
-            "ess": sums[4] ** 2 / (n * sums[5]),
+            "ess": ratios**2 / (n * squares),
         }
 
 
 def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
     """[1 - Var(returns - values) / Var(returns), whether the returns vary enough for it to say anything]: how well
     the critic predicts, over every rank's batch. A tensor, read with the update's other diagnostics."""
-    y, e = y_true.double(), (y_true - y_pred).double()
-    n, sy, syy, se, see, sabs = all_sum(
-        torch.stack([y.new_tensor(y.numel()), y.sum(), (y**2).sum(), e.sum(), (e**2).sum(), y.abs().sum()])
-    )
-    var_y, var_e = (syy - sy**2 / n) / (n - 1).clamp_min(1), (see - se**2 / n) / (n - 1).clamp_min(1)
+    y = y_true.double()
+    e = (y_true - y_pred).double()
+    local = [y.new_tensor(y.numel()), y.sum(), (y**2).sum(), e.sum(), (e**2).sum(), y.abs().sum()]
+    n, y_sum, y_squares, e_sum, e_squares, y_abs = all_sum(torch.stack(local))
+    var_y = (y_squares - y_sum**2 / n) / (n - 1).clamp_min(1)
+    var_e = (e_squares - e_sum**2 / n) / (n - 1).clamp_min(1)
     ev = torch.where(var_y > 0, 1 - var_e / var_y, torch.nan)
-    return torch.stack([ev, ((var_y > 0) & (var_y.sqrt() > 0.05 * sabs / n)).double()]).float()
+    varies = (var_y > 0) & (var_y.sqrt() > 0.05 * y_abs / n)  # a std under 5% of the mean size is noise
+    return torch.stack([ev, varies.double()]).float()
 
 
 def stretches(num_envs: int, num_minibatches: int) -> int:
@@ -486,20 +498,23 @@ def stretches(num_envs: int, num_minibatches: int) -> int:
 
 
 def minibatches(b_inds: torch.Tensor, args: Args, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """One epoch's minibatches, as indices into the rollout flattened step by step (t * N + env).
+    """One epoch's minibatches (core detail 6), as indices into the rollout flattened step by step (t * N + env).
 
-    Feedforward: the transitions (b_inds) shuffled and split. With --lstm, whole sequences in time order (LSTM
-    detail 4), each an (L, sequences) block: every env's rollout, cut into `chunks` stretches of L consecutive steps
-    where there are fewer envs than minibatches (chunks = M / gcd(N, M): the fewest that M minibatches can share
-    evenly), shuffled and split. The update replays them and then drops the steps that only reset an env."""
+    Feedforward: the transitions (b_inds) shuffled and split. With --lstm, whole sequences in time order
+    (LSTM detail 4), each an (L, sequences) block: every env's rollout, cut into `chunks` stretches of L consecutive
+    steps where there are fewer envs than minibatches (`stretches`), shuffled and split. The update replays them and
+    then drops the steps that only reset an env."""
     if not args.lstm:
         return torch.tensor_split(b_inds[torch.randperm(len(b_inds), device=device)], args.num_minibatches)
-    N, M = args.num_envs, args.num_minibatches
+    N = args.num_envs
+    M = args.num_minibatches
     chunks = stretches(N, M)
     L = args.num_steps // chunks
-    starts = (torch.arange(chunks, device=device)[:, None] * L * N + torch.arange(N, device=device)).flatten()
+    chunk_starts = torch.arange(chunks, device=device)[:, None] * L * N
+    starts = (chunk_starts + torch.arange(N, device=device)).flatten()  # every sequence's first index
     steps = torch.arange(L, device=device)[:, None] * N
-    return tuple(steps + s for s in torch.tensor_split(starts[torch.randperm(len(starts), device=device)], M))
+    shuffled = starts[torch.randperm(len(starts), device=device)]
+    return tuple(steps + s for s in torch.tensor_split(shuffled, M))
 
 
 def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
@@ -514,17 +529,19 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         agent = Agent(envs, args.lstm_hidden_size if args.lstm else 0).to(device)
         # Listed once: walking the module tree costs about 0.1 ms, paid twice per minibatch otherwise.
         params = list(agent.parameters())
-        # Adam eps 1e-5 (detail 3) instead of torch's 1e-8; the fused kernel does the whole step in one call.
+        # Adam eps 1e-5 (core detail 3) instead of torch's 1e-8; the fused kernel does the whole step in one call.
         optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
         loss_fn = ppo_loss
         if args.compile:  # torch.compile: the agent's forward passes and the loss, with their backward
-            agent.act, loss_fn = torch.compile(agent.act), torch.compile(ppo_loss)
+            agent.act = torch.compile(agent.act)
+            loss_fn = torch.compile(ppo_loss)
             agent.get_action_and_value = torch.compile(agent.get_action_and_value)
         bf16 = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.bf16)  # the CNN trunk's autocast
 
         # Rollout storage. obs and valid have T + 1 rows: the last is where the next rollout starts, and the
         # observation after the last step is also what the rollout's last value bootstraps from.
-        T, N = args.num_steps, args.num_envs
+        T = args.num_steps
+        N = args.num_envs
         obs = torch.zeros((T + 1, N, *envs.single_observation_space.shape), dtype=OBS_DTYPE, device=device)
         actions = torch.zeros((T, N), dtype=torch.long, device=device)
         logprobs = torch.zeros((T, N), device=device)
@@ -539,7 +556,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         lives = np.array(envs.unwrapped.call("lives"))  # each emulator's lives left (FireOnReset.lives)
 
         for iteration in run.iterations():  # between updates: checkpoints, and the stop on Ctrl-C or SIGTERM
-            if args.anneal_lr:
+            if args.anneal_lr:  # linearly to 0 over training (core detail 4)
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations)
 
             # --- rollout: no autograd bookkeeping; log-probs and values come with each forward pass ---
@@ -554,10 +571,11 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                     # On the CPU .cpu() is free; with a GPU this is the one unavoidable copy per step.
                     next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
                     # Losing a life ends the episode for learning (no value flows across it), but not for the
-                    # emulator, which plays on, nor for the reported score (detail 3 for Atari).
+                    # emulator, which plays on, nor for the reported score (Atari detail 3).
                     life_lost = info["lives"] < lives
                     lives = info["lives"]
-                    rewards[step], terminations[step] = reward, terminated | life_lost
+                    rewards[step] = reward
+                    terminations[step] = terminated | life_lost
                     done = np.logical_or(terminated, truncated)
                     dones[step] = done | life_lost
                     # The step after an episode ends only resets that env: not a transition to learn from.
@@ -574,7 +592,8 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
             )
             b_obs, b_actions, b_states, b_valid = (x.flatten(0, 1) for x in (obs[:-1], actions, states[:-1], valid_t))
             with torch.no_grad():
-                b_logprobs, b_values = logprobs.flatten(), values[:-1].flatten()
+                b_logprobs = logprobs.flatten()
+                b_values = values[:-1].flatten()
                 with torch.autocast(**bf16):
                     values[T] = agent.get_value(obs[T], states[T])
                 advantages = compute_gae(rewards_t, values, terminations_t, dones_t, args.gamma, args.gae_lambda)
@@ -592,7 +611,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                                 b_obs[mb], b_actions[mb], b_states[mb[0]], b_valid[mb]
                             )
                             keep = b_valid[mb]  # then the steps that only reset an env are dropped
-                            mb, newlogp, entropy, newvalue = mb[keep], newlogp[keep], entropy[keep], newvalue[keep]
+                            mb, newlogp, entropy, newvalue = (x[keep] for x in (mb, newlogp, entropy, newvalue))
                         else:
                             _, newlogp, entropy, newvalue, _ = agent.get_action_and_value(b_obs[mb], b_actions[mb])
                     loss, stats = loss_fn(
@@ -612,24 +631,26 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                     optimizer.zero_grad()
                     loss.backward()
                     average_gradients(params)  # under torchrun: the mean over the ranks, before clipping
-                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # core detail 11
                     run.check_finite(loss, grad_norm)  # a NaN or infinite loss stops the run before its step
                     optimizer.step()
                     logratios.append(stats.pop("logratio"))
                     mb_stats.append(torch.stack([*stats.values(), grad_norm]))
                 shift = policy_shift(torch.cat(logratios), args.clip_coef)
                 if args.target_kl is not None and shift["approx_kl"] > args.target_kl:
-                    break  # early stop (detail 12): the policy already moved as far as we allow
+                    break  # early stop on target KL, an addition to the 37 details: the policy moved far enough
 
             # --- diagnostics: losses averaged over the minibatches, the policy's shift over the last epoch ---
-            diagnostics = {**dict(zip([*stats, "grad_norm"], torch.stack(mb_stats).mean(0))), **shift}
-            run.log_update(diagnostics, explained_variance(b_values[b_inds], b_returns[b_inds]), epochs=epoch + 1)
+            means = torch.stack(mb_stats).mean(0)
+            diagnostics = {**dict(zip([*stats, "grad_norm"], means)), **shift}
+            ev = explained_variance(b_values[b_inds], b_returns[b_inds])
+            run.log_update(diagnostics, ev, epochs=epoch + 1)
         return run.result(agent)
 
 
 # --- make_env's wrapper: FIRE at the start of a game and after a lost life ----------------------------------
 class FireOnReset(gym.Wrapper):
-    """Press FIRE when a game (or a new life) waits for it, as Breakout does (detail 4 for Atari).
+    """Press FIRE when a game (or a new life) waits for it, as Breakout does (Atari detail 4).
 
     The classic setup resets on every lost life and fires on every reset; here the emulator plays on
     through lost lives, so a lost life is followed by FIRE in the same way.
@@ -667,15 +688,14 @@ class AleVectorEnv(AtariVectorEnv):
 
     def __init__(self, env_id: str, num_envs: int, sticky_actions: Optional[float] = None, frame_stack: int = 4):
         game = gym.spec(env_id).kwargs  # the id's game, sticky actions and episode limit
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if sticky_actions is None:
+            sticky_actions = game.get("repeat_action_probability", 0.0)
         super().__init__(
             game["game"],
             num_envs,
-            num_threads=min(num_envs, cores),
+            num_threads=min(num_envs, CORES),
             stack_num=frame_stack,
-            repeat_action_probability=game.get("repeat_action_probability", 0.0)
-            if sticky_actions is None
-            else sticky_actions,
+            repeat_action_probability=sticky_actions,
             max_num_frames_per_episode=game.get("max_num_frames_per_episode", 108_000),
             frameskip=4,
             noop_max=30,
@@ -715,11 +735,10 @@ def check_env(env_id: str) -> None:
 
 
 def env_state(env: gym.Env) -> dict:
-    """Everything a checkpoint needs to continue one env exactly.
+    """Everything a checkpoint needs to continue one env exactly: the env and its wrappers pickle as they are.
 
-    The env and its wrappers (the frame stack included) pickle as they are. ALE envs pickle only their
-    constructor arguments, so the emulator's state (with its random generator, which drives sticky
-    actions) and the env's own generator (which draws the no-ops) are saved beside them.
+    ALE envs pickle only their constructor arguments, so the emulator's state (with its random generator, which
+    drives sticky actions) and the env's own generator (which draws the no-ops) are saved beside them.
     """
     return {
         "env": cloudpickle.dumps(env),
@@ -736,13 +755,13 @@ def restore_env_state(state: dict) -> gym.Env:
 
 
 def env_stats(envs: gym.vector.VectorEnv) -> dict:
-    """What the envs learned that belongs to the trained model and is saved with it (nothing here; in
-    ppo_continuous.py, the observation normalization)."""
+    """What the envs learned that belongs to the trained model, saved with it: nothing here (in ppo_continuous.py,
+    the observation statistics)."""
     return {}
 
 
 def load_env_stats(envs: gym.vector.VectorEnv, stats: dict) -> None:
-    """Use a saved agent's env statistics, frozen, in new envs (nothing to do here)."""
+    """Use a saved agent's env statistics, frozen, in new envs: nothing to do here."""
 
 
 # ====================================================================================================

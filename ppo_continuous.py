@@ -9,8 +9,9 @@ Part A, from the top, is PPO: the options (Args), the environments, the network 
 loss (ppo_loss) and the training loop (train). Part B, below its banner, runs the experiment around it.
 Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (arXiv:1707.06347); the implementation
 details follow Huang et al. 2022, "The 37 Implementation Details of PPO" (ICLR blog track), including
-its nine for continuous control: Gaussian policy with state-independent log-std, actions clipped only
-on the way to the env, observation normalization and clipping, reward scaling and clipping.
+its nine for continuous control: normal distributions with a state-independent log std over independent action
+components, separate policy and value networks, actions clipped only on the way to the env, observation
+normalization and clipping, reward scaling and clipping.
 """
 
 import contextlib
@@ -155,24 +156,19 @@ class Args:
         return self.num_envs * self.num_steps
 
     @property
-    def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
-
-    @property
     def num_iterations(self) -> int:
         return self.total_timesteps // (self.batch_size * self.world_size)
 
 
 FAMILY = "continuous"  # the env family of this script's saved agents: another script refuses them
+# What this script's own options must be, beside the common ones (Part B's RULES).
 OPTION_RULES = {"clip_obs": (lambda v: v > 0, "positive"), "clip_reward": (lambda v: v > 0, "positive")}
 
 
 # --- Environments -------------------------------------------------------------------------------------------
 def make_env(env_id: str, idx: int, video_dir: Optional[str] = None) -> Callable[[], gym.Env]:
-    """The recipe for env number idx of a vector env.
-
-    The one place for a wrapper of your own: every env of every run (training, video, evaluation) is made here.
-    """
+    """The recipe for env number idx. The one place for a wrapper of your own: every env of every run (training,
+    video, evaluation) is made here."""
 
     def thunk():
         if video_dir is not None and idx == 0:
@@ -181,9 +177,10 @@ def make_env(env_id: str, idx: int, video_dir: Optional[str] = None) -> Callable
                 env.reset(seed=0)
                 env.render()
             except Exception as e:  # no EGL/GPU driver, no display: train on without video
+                first_line = str(e).splitlines()[0] if str(e) else ""
                 print(
                     f"warning: --capture-video: this env cannot render here ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0] if str(e) else ''}); training goes on without video",
+                    f"{first_line}); training goes on without video",
                     file=sys.stderr,
                 )
                 return gym.make(env_id)
@@ -196,31 +193,31 @@ def make_env(env_id: str, idx: int, video_dir: Optional[str] = None) -> Callable
 
 
 def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym.vector.VectorEnv:
-    """num_envs envs stepped as one batch (detail 1), with episode statistics, action clipping and
-    observation and reward normalization.
+    """num_envs envs stepped as one batch (core detail 1), with episode statistics, action clipping, observation
+    normalization and clipping, reward scaling and clipping.
 
-    Every gymnasium 1.x vector env autoresets on the NEXT step: the step after an episode ends returns
-    the first observation of the next episode with reward 0 and ignores the action. The training loop
-    marks those steps as not-a-transition (`valid`) and never trains on them; the observation returned
-    when an episode ends is then the true final observation, which is what truncation needs.
+    A gymnasium vector env resets an env on the step after its episode ended (reward 0, action ignored): the training
+    loop never trains on that step, and the observation returned when an episode ends is its true final one, which
+    truncation bootstraps from.
     """
+    recipes = [make_env(args.env_id, i, video_dir) for i in range(num_envs)]
     # One after another in this process, or each in a process of its own (--async-envs).
-    envs = vector_env([make_env(args.env_id, i, video_dir) for i in range(num_envs)], args.async_envs)
+    envs = vector_env(recipes, args.async_envs)
     # Statistics first: reported returns are the env's own rewards, before any scaling.
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
-    if not isinstance(envs.single_action_space, gym.spaces.Box) or not isinstance(
-        envs.single_observation_space, gym.spaces.Box
-    ):
-        return envs  # check_spaces says why this script cannot train it
-    # The agent stores and trains on the sampled, unclipped action; only the copy sent to the env is
-    # clipped to the bounds (details 4-5). Unbounded dimensions pass through unchanged. (The same as
-    # gymnasium's ClipAction, which clips env by env and costs several times more per step.)
+    spaces = (envs.single_action_space, envs.single_observation_space)
+    if not all(isinstance(space, gym.spaces.Box) for space in spaces):
+        return envs  # check_env says why this script cannot train it
+    # The agent stores and trains on the sampled, unclipped action; only the copy sent to the env is clipped to the
+    # bounds (continuous detail 5). Unbounded dimensions pass through unchanged. (The same as gymnasium's ClipAction,
+    # which clips env by env and costs several times more per step.)
     low, high = envs.single_action_space.low, envs.single_action_space.high
     envs = gym.wrappers.vector.TransformAction(envs, lambda action: np.clip(action, low, high))
-    # Running mean/std of observations, shared by all envs (detail 6), then clipped (detail 7).
+    # Running mean/std of observations, shared by all envs (continuous detail 6), then clipped (continuous detail 7).
     envs = gym.wrappers.vector.NormalizeObservation(envs)
     envs = gym.wrappers.vector.TransformObservation(envs, lambda obs: np.clip(obs, -args.clip_obs, args.clip_obs))
-    # Rewards divided by the running std of the discounted return (details 8-9), then clipped.
+    # Rewards divided by the running std of the discounted return (continuous detail 8),
+    # then clipped (continuous detail 9).
     envs = ScaleReward(envs, gamma=args.gamma)
     return gym.wrappers.vector.TransformReward(
         envs, lambda reward: np.clip(reward, -args.clip_reward, args.clip_reward)
@@ -229,17 +226,20 @@ def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym
 
 # --- Network ------------------------------------------------------------------------------------------------
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
-    # Orthogonal init, gain sqrt(2) for hidden layers (implementation detail 2).
+    # Orthogonal weights, gain sqrt(2) for hidden layers, and constant biases (core detail 2).
     nn.init.orthogonal_(layer.weight, std)
     nn.init.constant_(layer.bias, bias_const)
     return layer
 
 
-# --- Recurrence (--lstm): the five LSTM details of Huang et al. 2022 ----------------------------------------
+# --- Recurrence (--lstm): LSTM details 1-3 (4 and 5: minibatches, train) ------------------------------------
 def lstm_init(lstm: nn.LSTM) -> nn.LSTM:
     # Orthogonal weights (gain 1) and zero biases (LSTM detail 1), as in the reference implementation.
     for name, param in lstm.named_parameters():
-        nn.init.orthogonal_(param, 1.0) if name.startswith("weight") else nn.init.zeros_(param)
+        if name.startswith("weight"):
+            nn.init.orthogonal_(param, 1.0)
+        else:
+            nn.init.zeros_(param)
     return lstm
 
 
@@ -255,13 +255,19 @@ def recur(lstm: nn.LSTM, x: torch.Tensor, state: torch.Tensor, goes_on) -> tuple
         return h, torch.cat([h, c], -1) * keep
     h, c = (s.unsqueeze(0).contiguous() for s in state.chunk(2, -1))
     # One call of the LSTM per stretch without an episode's end: its time loop runs in C++ (oneDNN), not here.
-    ends = torch.nonzero(keep.amin((1, 2)) == 0).flatten().tolist()
-    outputs, start = [], 0
-    for end in [*(t + 1 for t in ends if t + 1 < len(x)), len(x)]:
+    last_steps = torch.nonzero(keep.amin((1, 2)) == 0).flatten().tolist()  # where some env's episode ends
+    ends = [t + 1 for t in last_steps if t + 1 < len(x)] + [len(x)]
+    outputs = []
+    start = 0
+    for end in ends:
         out, (h, c) = lstm(x[start:end], (h, c))
-        h, c, start = h * keep[end - 1], c * keep[end - 1], end
         outputs.append(out)
-    return torch.cat(outputs) if len(outputs) > 1 else outputs[0], torch.cat([h[0], c[0]], -1)
+        ended = keep[end - 1]
+        h = h * ended
+        c = c * ended
+        start = end
+    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    return out, torch.cat([h[0], c[0]], -1)
 
 
 # The network reads observations as float32 vectors: so the rollout buffer and evaluation hold them.
@@ -269,29 +275,31 @@ OBS_DTYPE = torch.float32
 
 
 class Agent(nn.Module):
-    """Separate actor and critic MLPs (64-64 tanh) and a diagonal Gaussian policy whose log-std is a
-    learned vector that does not depend on the state (detail 2 for continuous control). With --lstm, one LSTM
-    below both MLPs, which the policy loss alone trains.
+    """Separate actor and critic MLPs (64-64 tanh; core detail 13, continuous detail 4). The policy is a normal
+    distribution (continuous detail 1) whose log std is a learned vector that does not depend on the state
+    (continuous detail 2), with independent action components (continuous detail 3). With --lstm, one LSTM below both
+    MLPs, which the policy loss alone trains. obs is (B, *observation shape); an action (B, action dims).
 
     What train() and evaluate() call, the same in all three scripts (keep it when you swap the network):
-        act(obs, state, goes_on, deterministic=False) -> (action, state)   a sample of the policy, or its most
-                                                                            likely action
-        get_value(obs, state=None) -> value                                 the critic's V(obs)
-        get_action_and_value(obs, action=None, state=None, goes_on=None) -> (action, log-prob, entropy, value, state)
+        act(obs, state=None, goes_on=True, deterministic=False) -> (action, state): a sample of the policy, or its
+            most likely action
+        get_value(obs, state=None) -> value: the critic's V(obs)
+        get_action_and_value(obs, action=None, state=None, goes_on=True) -> (action, log-prob, entropy, value, state):
             under the current parameters, for the given actions (or for sampled ones when action is None)
-        state_size                                                          0, or 2 * the LSTM's units (--lstm)
-    obs is a batch (B, *observation shape); the actions are (B, action dims), the rest (B,).
-    A recurrent agent (--lstm) carries a state (B, state_size), zero at an episode's start, from each step to the
-    next; goes_on (B,) is False where obs is its episode's last (see recur). It also takes whole sequences: obs
-    (L, B, ...), goes_on (L, B), the state before their first step; the outputs are then (L, B, ...). Without an
-    LSTM the state passes through untouched, and sequences are batches like any other.
+        state_size: 0, or 2 * the LSTM's units (--lstm)
+    obs and actions are batches (B, ...); log-probs, entropies and values (B,). A recurrent agent (--lstm) carries a
+    state (B, state_size), zero at an episode's start, from each step to the next; goes_on (B,) is False where obs is
+    its episode's last (see recur). It also takes whole sequences: obs (L, B, ...), goes_on (L, B), the state before
+    their first step; the outputs are then (L, B, ...). Without an LSTM the state passes through untouched, and
+    sequences are batches like any other.
     """
 
     def __init__(self, envs: gym.vector.VectorEnv, lstm_size: int = 0):
         super().__init__()
-        obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
-        # --lstm: one LSTM reads the observations, both MLPs its output; it learns from the policy loss alone.
-        self.lstm, self.state_size = lstm_init(nn.LSTM(obs_dim, lstm_size)) if lstm_size else None, 2 * lstm_size
+        obs_dim = envs.single_observation_space.shape[0]
+        act_dim = envs.single_action_space.shape[0]
+        self.lstm = lstm_init(nn.LSTM(obs_dim, lstm_size)) if lstm_size else None
+        self.state_size = 2 * lstm_size  # h and c side by side
         features = lstm_size or obs_dim
         self.critic = nn.Sequential(
             layer_init(nn.Linear(features, 64)),
@@ -322,7 +330,8 @@ class Agent(nn.Module):
         call (the parameters do not change during a rollout)."""
         x, state = self(obs, state, goes_on)
         mean = self.actor_mean(x)
-        return (mean if deterministic else mean + self.actor_logstd.exp() * torch.randn_like(mean)), state
+        action = mean if deterministic else mean + self.actor_logstd.exp() * torch.randn_like(mean)
+        return action, state
 
     def get_action_and_value(
         self,
@@ -354,16 +363,18 @@ def compute_gae(
     gamma: float,
     gae_lambda: float,
 ) -> torch.Tensor:
-    """GAE (Schulman et al. 2016, arXiv:1506.02438) over a rollout of T steps of N envs. rewards, terminations, dones:
-    (T, N), the outcome of step t's action as 0/1 floats (dones: terminated or truncated); values: (T + 1, N), V of
-    every observation including the one after the last step; where an episode ends at t, obs_{t+1} is its final one.
+    """GAE (core detail 5; Schulman et al. 2016, arXiv:1506.02438) over a rollout of T steps of N envs. rewards,
+    terminations, dones: (T, N), the outcome of step t's action as 0/1 floats (dones: terminated or truncated); values:
+    (T + 1, N), V of every observation including the one after the last step; where an episode ends at t, obs_{t+1}
+    is its final one.
 
     Truncation is not termination: a time-limit cut bootstraps from V(final observation), and only a real terminal
     state is worth 0. Either way the recursion stops at the episode's end. The result is a target: no gradient."""
     with torch.no_grad():
         deltas = rewards + gamma * values[1:] * (1.0 - terminations) - values[:-1]
         discounts = gamma * gae_lambda * (1.0 - dones)
-        advantages, next_advantage = [], torch.zeros_like(deltas[0])
+        advantages = []
+        next_advantage = torch.zeros_like(deltas[0])
         for delta, discount in zip(deltas.flip(0), discounts.flip(0)):  # backwards in time
             next_advantage = delta + discount * next_advantage
             advantages.append(next_advantage)
@@ -373,13 +384,15 @@ def compute_gae(
 # --- PPO loss -----------------------------------------------------------------------------------------------
 def mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of x, under torchrun of every rank's x together (count, sum, sum of squares summed over ranks)."""
-    n, total, squares = all_sum(torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double())
+    sums = torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double()
+    n, total, squares = all_sum(sums)
     mean = total / n
-    return mean, ((squares - n * mean**2) / (n - 1)).clamp_min(0).sqrt()
+    var = (squares - n * mean**2) / (n - 1)
+    return mean, var.clamp_min(0).sqrt()
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Zero mean and unit std over the minibatch (detail 7); under torchrun over every rank's part of it together."""
+    """Zero mean and unit std over the minibatch (core detail 7); under torchrun over every rank's part of it."""
     mean, std = mean_std(x)  # in float64
     return ((x - mean) / (std + 1e-8)).to(x.dtype)
 
@@ -407,17 +420,19 @@ def ppo_loss(
     # Importance sampling: the batch was drawn from the old policy, ratio = pi_new / pi_old.
     logratio = newlogp - oldlogp
     ratio = logratio.exp()
-    # The pessimistic minimum gives zero gradient once the ratio leaves [1 - eps, 1 + eps] in the
-    # direction the advantage favours: no incentive to move the policy further from the old one.
-    pg_loss = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)).mean()
+    # The clipped surrogate (core detail 8). The pessimistic minimum gives zero gradient once the ratio leaves
+    # [1 - eps, 1 + eps] in the direction the advantage favours: no incentive to move further from the old policy.
+    clipped_ratio = torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
+    pg_loss = torch.max(-advantages * ratio, -advantages * clipped_ratio).mean()
 
     if clip_vloss:
-        # Value clipping (implementation detail 9): the critic moves at most clip_coef from its old value.
+        # Value loss clipping (core detail 9): the critic moves at most clip_coef from its old value.
         v_clipped = oldvalue + torch.clamp(newvalue - oldvalue, -clip_coef, clip_coef)
         v_loss = 0.5 * torch.max((newvalue - returns) ** 2, (v_clipped - returns) ** 2).mean()
     else:
         v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
 
+    # The overall loss, with an entropy bonus (core detail 10).
     entropy_loss = entropy.mean()
     loss = pg_loss - ent_coef * entropy_loss + vf_coef * v_loss
 
@@ -432,47 +447,44 @@ def ppo_loss(
 
 # --- Training -----------------------------------------------------------------------------------------------
 def policy_shift(logratio: torch.Tensor, clip_coef: float) -> dict[str, torch.Tensor]:
-    """How far the new policy moved from the one that collected the batch, from log(pi_new / pi_old).
-
-    Means over every rank's samples under torchrun, so that all ranks take the same target-KL decision.
-    """
+    """How far the new policy moved from the one that collected the batch, from log(pi_new / pi_old): the debug
+    variables of core detail 12. Means over every rank's samples under torchrun, so that all ranks take the same
+    target-KL decision."""
     with torch.no_grad():
-        w = logratio.exp()
-        sums = all_sum(
-            torch.stack(
-                [
-                    logratio.new_tensor(logratio.numel()),
-                    # KL(old || new) estimators, http://joschu.net/blog/kl-approx.html: the naive -log r and the
-                    # unbiased, always non-negative (r - 1) - log r.
-                    -logratio.sum(),
-                    ((w - 1) - logratio).sum(),
-                    ((w - 1.0).abs() > clip_coef).float().sum(),
-                    w.sum(),
-                    (w**2).sum(),
-                ]
-            )
-        )
-        n = sums[0]
+        ratio = logratio.exp()
+        local = [
+            logratio.new_tensor(logratio.numel()),
+            # KL(old || new) estimators, http://joschu.net/blog/kl-approx.html: the naive -log r and the
+            # unbiased, always non-negative (r - 1) - log r.
+            -logratio.sum(),
+            ((ratio - 1) - logratio).sum(),
+            ((ratio - 1.0).abs() > clip_coef).float().sum(),
+            ratio.sum(),
+            (ratio**2).sum(),
+        ]
+        n, naive_kl, kl, clipped, ratios, squares = all_sum(torch.stack(local))
         return {
-            "old_approx_kl": sums[1] / n,
-            "approx_kl": sums[2] / n,
-            "clipfrac": sums[3] / n,
+            "old_approx_kl": naive_kl / n,
+            "approx_kl": kl / n,
+            "clipfrac": clipped / n,
             # Effective sample size of the importance weights as a fraction of the batch: 1 while
             # new == old, falling toward 0 as a few samples dominate the gradient estimate.
-            "ess": sums[4] ** 2 / (n * sums[5]),
+            "ess": ratios**2 / (n * squares),
         }
 
 
 def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
     """[1 - Var(returns - values) / Var(returns), whether the returns vary enough for it to say anything]: how well
     the critic predicts, over every rank's batch. A tensor, read with the update's other diagnostics."""
-    y, e = y_true.double(), (y_true - y_pred).double()
-    n, sy, syy, se, see, sabs = all_sum(
-        torch.stack([y.new_tensor(y.numel()), y.sum(), (y**2).sum(), e.sum(), (e**2).sum(), y.abs().sum()])
-    )
-    var_y, var_e = (syy - sy**2 / n) / (n - 1).clamp_min(1), (see - se**2 / n) / (n - 1).clamp_min(1)
+    y = y_true.double()
+    e = (y_true - y_pred).double()
+    local = [y.new_tensor(y.numel()), y.sum(), (y**2).sum(), e.sum(), (e**2).sum(), y.abs().sum()]
+    n, y_sum, y_squares, e_sum, e_squares, y_abs = all_sum(torch.stack(local))
+    var_y = (y_squares - y_sum**2 / n) / (n - 1).clamp_min(1)
+    var_e = (e_squares - e_sum**2 / n) / (n - 1).clamp_min(1)
     ev = torch.where(var_y > 0, 1 - var_e / var_y, torch.nan)
-    return torch.stack([ev, ((var_y > 0) & (var_y.sqrt() > 0.05 * sabs / n)).double()]).float()
+    varies = (var_y > 0) & (var_y.sqrt() > 0.05 * y_abs / n)  # a std under 5% of the mean size is noise
+    return torch.stack([ev, varies.double()]).float()
 
 
 def stretches(num_envs: int, num_minibatches: int) -> int:
@@ -481,20 +493,23 @@ def stretches(num_envs: int, num_minibatches: int) -> int:
 
 
 def minibatches(b_inds: torch.Tensor, args: Args, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """One epoch's minibatches, as indices into the rollout flattened step by step (t * N + env).
+    """One epoch's minibatches (core detail 6), as indices into the rollout flattened step by step (t * N + env).
 
-    Feedforward: the transitions (b_inds) shuffled and split. With --lstm, whole sequences in time order (LSTM
-    detail 4), each an (L, sequences) block: every env's rollout, cut into `chunks` stretches of L consecutive steps
-    where there are fewer envs than minibatches (chunks = M / gcd(N, M): the fewest that M minibatches can share
-    evenly), shuffled and split. The update replays them and then drops the steps that only reset an env."""
+    Feedforward: the transitions (b_inds) shuffled and split. With --lstm, whole sequences in time order
+    (LSTM detail 4), each an (L, sequences) block: every env's rollout, cut into `chunks` stretches of L consecutive
+    steps where there are fewer envs than minibatches (`stretches`), shuffled and split. The update replays them and
+    then drops the steps that only reset an env."""
     if not args.lstm:
         return torch.tensor_split(b_inds[torch.randperm(len(b_inds), device=device)], args.num_minibatches)
-    N, M = args.num_envs, args.num_minibatches
+    N = args.num_envs
+    M = args.num_minibatches
     chunks = stretches(N, M)
     L = args.num_steps // chunks
-    starts = (torch.arange(chunks, device=device)[:, None] * L * N + torch.arange(N, device=device)).flatten()
+    chunk_starts = torch.arange(chunks, device=device)[:, None] * L * N
+    starts = (chunk_starts + torch.arange(N, device=device)).flatten()  # every sequence's first index
     steps = torch.arange(L, device=device)[:, None] * N
-    return tuple(steps + s for s in torch.tensor_split(starts[torch.randperm(len(starts), device=device)], M))
+    shuffled = starts[torch.randperm(len(starts), device=device)]
+    return tuple(steps + s for s in torch.tensor_split(shuffled, M))
 
 
 def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
@@ -509,16 +524,18 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         agent = Agent(envs, args.lstm_hidden_size if args.lstm else 0).to(device)
         # Listed once: walking the module tree costs about 0.1 ms, paid twice per minibatch otherwise.
         params = list(agent.parameters())
-        # Adam eps 1e-5 (detail 3) instead of torch's 1e-8; the fused kernel does the whole step in one call.
+        # Adam eps 1e-5 (core detail 3) instead of torch's 1e-8; the fused kernel does the whole step in one call.
         optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
         loss_fn = ppo_loss
         if args.compile:  # torch.compile: the agent's forward passes and the loss, with their backward
-            agent.act, loss_fn = torch.compile(agent.act), torch.compile(ppo_loss)
+            agent.act = torch.compile(agent.act)
+            loss_fn = torch.compile(ppo_loss)
             agent.get_action_and_value = torch.compile(agent.get_action_and_value)
 
         # Rollout storage. obs and valid have T + 1 rows: the last is where the next rollout starts, and the
         # observation after the last step is also what the rollout's last value bootstraps from.
-        T, N = args.num_steps, args.num_envs
+        T = args.num_steps
+        N = args.num_envs
         obs = torch.zeros((T + 1, N, *envs.single_observation_space.shape), dtype=OBS_DTYPE, device=device)
         actions = torch.zeros((T, N, *envs.single_action_space.shape), device=device)
         # Env outputs stay in numpy during the rollout; they become tensors once per rollout, not once per step.
@@ -531,7 +548,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         normalization = SharedStatistics(envs, resumed=run.resumed is not None)
 
         for iteration in run.iterations():  # between updates: checkpoints, and the stop on Ctrl-C or SIGTERM
-            if args.anneal_lr:
+            if args.anneal_lr:  # linearly to 0 over training (core detail 4)
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations)
 
             # --- rollout: the actor alone, no autograd bookkeeping ---
@@ -540,11 +557,13 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                 for step in range(T):
                     action, states[step + 1] = agent.act(obs[step], states[step], torch.from_numpy(valid[step]))
                     actions[step] = action
-                    # The env gets a clipped copy (ClipAction); the buffer keeps the sampled action.
+                    # The env gets a clipped copy (make_envs); the buffer keeps the sampled action.
                     # On the CPU .cpu() is free; with a GPU this is the one unavoidable copy per step.
                     next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
-                    rewards[step], terminations[step] = reward, terminated
-                    dones[step] = done = np.logical_or(terminated, truncated)
+                    rewards[step] = reward
+                    terminations[step] = terminated
+                    done = np.logical_or(terminated, truncated)
+                    dones[step] = done
                     # The step after an episode ends only resets that env: not a transition to learn from.
                     valid[step + 1] = ~done
                     obs[step + 1] = torch.as_tensor(next_obs, device=device)
@@ -563,7 +582,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                 values = torch.cat([values, agent.get_value(obs[T], states[T])[None]])
                 advantages = compute_gae(rewards_t, values, terminations_t, dones_t, args.gamma, args.gae_lambda)
             b_obs, b_actions, b_states, b_valid = (x.flatten(0, 1) for x in (obs[:-1], actions, states[:-1], valid_t))
-            b_logprobs, b_values, b_advantages = logprobs.flatten(), values[:-1].flatten(), advantages.flatten()
+            b_logprobs, b_values, b_advantages = (x.flatten() for x in (logprobs, values[:-1], advantages))
             b_returns = b_advantages + b_values
 
             # --- K epochs of minibatch Adam on the batch ---
@@ -576,7 +595,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                             b_obs[mb], b_actions[mb], b_states[mb[0]], b_valid[mb]
                         )
                         keep = b_valid[mb]  # then the steps that only reset an env are dropped
-                        mb, newlogp, entropy, newvalue = mb[keep], newlogp[keep], entropy[keep], newvalue[keep]
+                        mb, newlogp, entropy, newvalue = (x[keep] for x in (mb, newlogp, entropy, newvalue))
                     else:
                         _, newlogp, entropy, newvalue, _ = agent.get_action_and_value(b_obs[mb], b_actions[mb])
                     loss, stats = loss_fn(
@@ -596,18 +615,20 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                     optimizer.zero_grad()
                     loss.backward()
                     average_gradients(params)  # under torchrun: the mean over the ranks, before clipping
-                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # core detail 11
                     run.check_finite(loss, grad_norm)  # a NaN or infinite loss stops the run before its step
                     optimizer.step()
                     logratios.append(stats.pop("logratio"))
                     mb_stats.append(torch.stack([*stats.values(), grad_norm]))
                 shift = policy_shift(torch.cat(logratios), args.clip_coef)
                 if args.target_kl is not None and shift["approx_kl"] > args.target_kl:
-                    break  # early stop (detail 12): the policy already moved as far as we allow
+                    break  # early stop on target KL, an addition to the 37 details: the policy moved far enough
 
             # --- diagnostics: losses averaged over the minibatches, the policy's shift over the last epoch ---
-            diagnostics = {**dict(zip([*stats, "grad_norm"], torch.stack(mb_stats).mean(0))), **shift}
-            run.log_update(diagnostics, explained_variance(b_values[b_inds], b_returns[b_inds]), epochs=epoch + 1)
+            means = torch.stack(mb_stats).mean(0)
+            diagnostics = {**dict(zip([*stats, "grad_norm"], means)), **shift}
+            ev = explained_variance(b_values[b_inds], b_returns[b_inds])
+            run.log_update(diagnostics, ev, epochs=epoch + 1)
         return run.result(agent)
 
 
@@ -617,7 +638,8 @@ def check_env(env_id: str) -> None:
     if env_id.split(":")[-1].startswith("ALE/") or "NoFrameskip" in env_id:
         raise UsageError(f"--env-id {env_id} is an Atari game; train it with ppo_atari.py")
     env = make_env(env_id, 0)()
-    act, obs = env.action_space, env.observation_space
+    act = env.action_space
+    obs = env.observation_space
     env.close()
     if isinstance(act, (gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)):
         raise UsageError(f"--env-id {env_id} has discrete actions ({act}); train it with ppo_discrete.py")
@@ -644,12 +666,13 @@ def check_env(env_id: str) -> None:
 
 
 def env_state(env: gym.Env) -> dict:
-    """Everything a checkpoint needs to continue one env exactly.
+    """Everything a checkpoint needs to continue one env exactly: the env and its wrappers pickle as they are.
 
-    The env and its wrappers pickle as they are. MuJoCo envs pickle only their constructor arguments, so
-    the simulator's full integration state and the env's random generator are saved beside them.
+    MuJoCo envs pickle only their constructor arguments, so the simulator's full integration state and the env's
+    random generator are saved beside them.
     """
-    u, sim = env.unwrapped, None
+    u = env.unwrapped
+    sim = None
     if hasattr(u, "model") and hasattr(u, "data"):
         sim = np.empty(mujoco.mj_stateSize(u.model, mujoco.mjtState.mjSTATE_INTEGRATION))
         mujoco.mj_getState(u.model, u.data, sim, mujoco.mjtState.mjSTATE_INTEGRATION)
@@ -666,13 +689,14 @@ def restore_env_state(state: dict) -> gym.Env:
 
 
 def env_stats(envs: gym.vector.VectorEnv) -> dict:
-    """The observation statistics belong to the trained model: without them the policy sees other inputs."""
+    """What the envs learned that belongs to the trained model, saved with it: the observation statistics, without
+    which the policy sees other inputs."""
     return {"obs_rms": rms_to_dict(obs_normalizer(envs).obs_rms)}
 
 
 def load_env_stats(envs: gym.vector.VectorEnv, stats: dict) -> None:
-    """Use a saved agent's observation statistics, frozen: evaluation episodes must not shift the inputs
-    the policy was trained on."""
+    """Use a saved agent's env statistics, frozen, in new envs: evaluation episodes must not shift the inputs the
+    policy was trained on."""
     if "obs_rms" not in stats:
         raise UsageError(
             "this saved agent holds no observation statistics (it was written by an older version "
@@ -693,7 +717,9 @@ def rms_to_dict(rms) -> dict:
 
 def rms_from_dict(d: dict):
     rms = gym.wrappers.utils.RunningMeanStd(shape=tuple(d["mean"].shape))
-    rms.mean, rms.var, rms.count = d["mean"].double().numpy(), d["var"].double().numpy(), d["count"]
+    rms.mean = d["mean"].double().numpy()
+    rms.var = d["var"].double().numpy()
+    rms.count = d["count"]
     return rms
 
 
@@ -742,11 +768,10 @@ class SharedStatistics:
     def __init__(self, envs: gym.vector.VectorEnv, resumed: bool):
         self.stats = [obs_normalizer(envs).obs_rms, reward_normalizer(envs).return_rms]
         # What all ranks share as of the last merge: nothing yet, or the checkpoint's statistics.
-        self.synced = (
-            copy.deepcopy(self.stats)
-            if resumed
-            else [gym.wrappers.utils.RunningMeanStd(shape=np.shape(rms.mean)) for rms in self.stats]
-        )
+        if resumed:
+            self.synced = copy.deepcopy(self.stats)
+        else:
+            self.synced = [gym.wrappers.utils.RunningMeanStd(shape=np.shape(rms.mean)) for rms in self.stats]
 
     def merge(self) -> None:
         if not (dist.is_available() and dist.is_initialized()):
@@ -757,8 +782,10 @@ class SharedStatistics:
             return np.concatenate([[rms.count], rms.count * mean, rms.count * (np.ravel(rms.var) + mean**2)])
 
         for rms, old in zip(self.stats, self.synced):
-            total = all_sum(torch.from_numpy(sums(rms))).numpy() - (dist.get_world_size() - 1) * sums(old)
-            n, dim = total[0], np.size(rms.mean)
+            summed = all_sum(torch.from_numpy(sums(rms))).numpy()
+            total = summed - (dist.get_world_size() - 1) * sums(old)  # the common part counted once
+            n = total[0]
+            dim = np.size(rms.mean)
             mean = total[1 : 1 + dim] / n
             rms.mean = mean.reshape(np.shape(rms.mean))
             rms.var = np.maximum(total[1 + dim :] / n - mean**2, 0.0).reshape(np.shape(rms.var))

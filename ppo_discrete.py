@@ -145,21 +145,19 @@ class Args:
         return self.num_envs * self.num_steps
 
     @property
-    def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
-
-    @property
     def num_iterations(self) -> int:
         return self.total_timesteps // (self.batch_size * self.world_size)
 
 
 FAMILY = "discrete"  # the env family of this script's saved agents: another script refuses them
-OPTION_RULES = {}  # what this script's own options must be, beside the common ones (Part B's RULES)
+# What this script's own options must be, beside the common ones (Part B's RULES).
+OPTION_RULES = {}
 
 
 # --- Environments -------------------------------------------------------------------------------------------
 def make_env(env_id: str, idx: int, video_dir: Optional[str] = None) -> Callable[[], gym.Env]:
-    """The recipe for env number idx: the one place for a wrapper of your own (every env of every run comes here)."""
+    """The recipe for env number idx. The one place for a wrapper of your own: every env of every run (training,
+    video, evaluation) is made here."""
 
     def thunk():
         if video_dir is not None and idx == 0:
@@ -180,24 +178,28 @@ def make_env(env_id: str, idx: int, video_dir: Optional[str] = None) -> Callable
 
 
 def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym.vector.VectorEnv:
-    """num_envs envs stepped as one batch (detail 1), with episode statistics, and the env's action masks appended to
-    the observations when it gives any. A gymnasium vector env resets an env on the step after its episode ended
-    (reward 0, action ignored): the loop never trains on that step, and the observation returned when an episode
-    ends is its true final one, which truncation bootstraps from."""
+    """num_envs envs stepped as one batch (core detail 1), with episode statistics, and the env's action masks
+    appended to the observations when it gives any.
+
+    A gymnasium vector env resets an env on the step after its episode ended (reward 0, action ignored): the training
+    loop never trains on that step, and the observation returned when an episode ends is its true final one, which
+    truncation bootstraps from.
+    """
     recipes = [make_env(args.env_id, i, video_dir) for i in range(num_envs)]
-    probe = make_env(args.env_id, 0)()
-    masked = args.action_masks and has_masks(probe, args.env_id)
     # CartPole also comes as a numpy-native vector env that steps all copies at once, several times faster
     # than N envs one by one. It bypasses make_env, so it is used only while make_env makes what gym.make does.
-    if (
-        video_dir is None
-        and not args.async_envs
-        and gym.spec(args.env_id.split(":")[-1]).vector_entry_point
-        and made_alike(probe, gym.make(args.env_id))
-    ):
+    spec = gym.spec(args.env_id.split(":")[-1])
+    native = video_dir is None and not args.async_envs and spec.vector_entry_point is not None
+    with make_env(args.env_id, 0)() as probe:
+        masked = args.action_masks and has_masks(probe, args.env_id)
+        if native:
+            with gym.make(args.env_id) as plain:
+                native = made_alike(probe, plain)
+    if native:
         envs = gym.make_vec(args.env_id, num_envs=num_envs, vectorization_mode="vector_entry_point")
     else:
-        envs = vector_env(recipes, args.async_envs)  # one after another in this process, or each in its own
+        # One after another in this process, or each in a process of its own (--async-envs).
+        envs = vector_env(recipes, args.async_envs)
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
     space = envs.single_action_space
     if np.any(getattr(space, "start", 0)):  # Discrete(n, start=s): the agent picks 0..n-1, the env gets s..s+n-1
@@ -208,17 +210,20 @@ def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym
 
 # --- Network ------------------------------------------------------------------------------------------------
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
-    # Orthogonal init, gain sqrt(2) for hidden layers (implementation detail 2).
+    # Orthogonal weights, gain sqrt(2) for hidden layers, and constant biases (core detail 2).
     nn.init.orthogonal_(layer.weight, std)
     nn.init.constant_(layer.bias, bias_const)
     return layer
 
 
-# --- Recurrence (--lstm): the five LSTM details of Huang et al. 2022 ----------------------------------------
+# --- Recurrence (--lstm): LSTM details 1-3 (4 and 5: minibatches, train) ------------------------------------
 def lstm_init(lstm: nn.LSTM) -> nn.LSTM:
     # Orthogonal weights (gain 1) and zero biases (LSTM detail 1), as in the reference implementation.
     for name, param in lstm.named_parameters():
-        nn.init.orthogonal_(param, 1.0) if name.startswith("weight") else nn.init.zeros_(param)
+        if name.startswith("weight"):
+            nn.init.orthogonal_(param, 1.0)
+        else:
+            nn.init.zeros_(param)
     return lstm
 
 
@@ -234,13 +239,19 @@ def recur(lstm: nn.LSTM, x: torch.Tensor, state: torch.Tensor, goes_on) -> tuple
         return h, torch.cat([h, c], -1) * keep
     h, c = (s.unsqueeze(0).contiguous() for s in state.chunk(2, -1))
     # One call of the LSTM per stretch without an episode's end: its time loop runs in C++ (oneDNN), not here.
-    ends = torch.nonzero(keep.amin((1, 2)) == 0).flatten().tolist()
-    outputs, start = [], 0
-    for end in [*(t + 1 for t in ends if t + 1 < len(x)), len(x)]:
+    last_steps = torch.nonzero(keep.amin((1, 2)) == 0).flatten().tolist()  # where some env's episode ends
+    ends = [t + 1 for t in last_steps if t + 1 < len(x)] + [len(x)]
+    outputs = []
+    start = 0
+    for end in ends:
         out, (h, c) = lstm(x[start:end], (h, c))
-        h, c, start = h * keep[end - 1], c * keep[end - 1], end
         outputs.append(out)
-    return torch.cat(outputs) if len(outputs) > 1 else outputs[0], torch.cat([h[0], c[0]], -1)
+        ended = keep[end - 1]
+        h = h * ended
+        c = c * ended
+        start = end
+    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    return out, torch.cat([h[0], c[0]], -1)
 
 
 def sample(logits: torch.Tensor) -> torch.Tensor:
@@ -254,23 +265,24 @@ OBS_DTYPE = torch.float32
 
 
 class Agent(nn.Module):
-    """Separate actor and critic MLPs (64-64 tanh): the policy loss cannot disturb the critic. A Discrete action is one
-    categorical distribution; MultiDiscrete and MultiBinary actions one per dimension, independent, so log-probs and
-    entropies add up. Actions an env's mask forbids (ActionMasks appends it to the observation) get probability 0.
-    With --lstm, one LSTM below both MLPs, which the policy loss alone trains.
+    """Separate actor and critic MLPs (64-64 tanh; core detail 13): the policy loss cannot disturb the critic. A
+    Discrete action is one categorical distribution; MultiDiscrete and MultiBinary actions one per dimension,
+    independent, so log-probs and entropies add up (the MultiDiscrete detail). Actions an env's mask forbids
+    (ActionMasks appends it to the observation) get probability 0. With --lstm, one LSTM below both MLPs, which the
+    policy loss alone trains. obs is (B, *observation shape); an action (B,) for Discrete, (B, dims) otherwise.
 
     What train() and evaluate() call, the same in all three scripts (keep it when you swap the network):
-        act(obs, state, goes_on, deterministic=False) -> (action, state)   a sample of the policy, or its most
-                                                                            likely action
-        get_value(obs, state=None) -> value                                 the critic's V(obs)
-        get_action_and_value(obs, action=None, state=None, goes_on=None) -> (action, log-prob, entropy, value, state)
+        act(obs, state=None, goes_on=True, deterministic=False) -> (action, state): a sample of the policy, or its
+            most likely action
+        get_value(obs, state=None) -> value: the critic's V(obs)
+        get_action_and_value(obs, action=None, state=None, goes_on=True) -> (action, log-prob, entropy, value, state):
             under the current parameters, for the given actions (or for sampled ones when action is None)
-        state_size                                                          0, or 2 * the LSTM's units (--lstm)
-    obs is a batch (B, *observation shape); actions are (B,) for Discrete, (B, dims) otherwise; the rest (B,).
-    A recurrent agent (--lstm) carries a state (B, state_size), zero at an episode's start, from each step to the
-    next; goes_on (B,) is False where obs is its episode's last (see recur). It also takes whole sequences: obs
-    (L, B, ...), goes_on (L, B), the state before their first step; the outputs are then (L, B, ...). Without an
-    LSTM the state passes through untouched, and sequences are batches like any other.
+        state_size: 0, or 2 * the LSTM's units (--lstm)
+    obs and actions are batches (B, ...); log-probs, entropies and values (B,). A recurrent agent (--lstm) carries a
+    state (B, state_size), zero at an episode's start, from each step to the next; goes_on (B,) is False where obs is
+    its episode's last (see recur). It also takes whole sequences: obs (L, B, ...), goes_on (L, B), the state before
+    their first step; the outputs are then (L, B, ...). Without an LSTM the state passes through untouched, and
+    sequences are batches like any other.
     """
 
     def __init__(self, envs: gym.vector.VectorEnv, lstm_size: int = 0):
@@ -279,8 +291,8 @@ class Agent(nn.Module):
         self.multi = not isinstance(envs.single_action_space, gym.spaces.Discrete)
         self.mask_size = getattr(envs, "mask_size", 0)  # the action mask's entries at the end of the observation
         obs_dim = envs.single_observation_space.shape[0] - self.mask_size
-        # --lstm: one LSTM reads the observations, both MLPs its output; it learns from the policy loss alone.
-        self.lstm, self.state_size = lstm_init(nn.LSTM(obs_dim, lstm_size)) if lstm_size else None, 2 * lstm_size
+        self.lstm = lstm_init(nn.LSTM(obs_dim, lstm_size)) if lstm_size else None
+        self.state_size = 2 * lstm_size  # h and c side by side
         features = lstm_size or obs_dim
         self.critic = nn.Sequential(
             layer_init(nn.Linear(features, 64)),
@@ -299,7 +311,8 @@ class Agent(nn.Module):
         )
 
     def forward(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None, goes_on=True):
-        """The heads' input (the observation without its action mask; with --lstm, the LSTM output), and the state."""
+        """What the heads read (the observation without its action mask; with --lstm, the LSTM's output) and the next
+        state."""
         x = obs[..., : -self.mask_size] if self.mask_size else obs
         return (x, state) if self.lstm is None else recur(self.lstm, x, state, goes_on)
 
@@ -315,9 +328,9 @@ class Agent(nn.Module):
             return logits
         if len(set(self.nvec)) == 1:
             return logits.unflatten(-1, (len(self.nvec), self.nvec[0]))
-        return torch.stack(
-            [F.pad(x, (0, max(self.nvec) - n), value=-1e8) for x, n in zip(logits.split(self.nvec, -1), self.nvec)], -2
-        )
+        widest = max(self.nvec)
+        parts = zip(logits.split(self.nvec, -1), self.nvec)
+        return torch.stack([F.pad(part, (0, widest - n), value=-1e8) for part, n in parts], -2)
 
     def get_value(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.critic(self(obs, state)[0]).squeeze(-1)
@@ -327,7 +340,8 @@ class Agent(nn.Module):
         call (the parameters do not change during a rollout)."""
         x, state = self(obs, state, goes_on)
         logits = self.logits(x, obs)
-        return (logits.argmax(-1) if deterministic else sample(logits)), state
+        action = logits.argmax(-1) if deterministic else sample(logits)
+        return action, state
 
     def get_action_and_value(
         self,
@@ -343,7 +357,7 @@ class Agent(nn.Module):
         logp_all = F.log_softmax(logits, -1)
         logp = logp_all.gather(-1, action.unsqueeze(-1)).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1)
-        if self.multi:  # independent dimensions: log-probs and entropies add up
+        if self.multi:  # independent dimensions: log-probs and entropies add up (the MultiDiscrete detail)
             logp, entropy = logp.sum(-1), entropy.sum(-1)
         # The critic reads the LSTM's output detached: value-loss gradients through the shared memory stopped learning
         # altogether (docs/recurrent.md). Without --lstm, x is the observation, and detach() changes nothing.
@@ -359,16 +373,18 @@ def compute_gae(
     gamma: float,
     gae_lambda: float,
 ) -> torch.Tensor:
-    """GAE (Schulman et al. 2016, arXiv:1506.02438) over a rollout of T steps of N envs. rewards, terminations, dones:
-    (T, N), the outcome of step t's action as 0/1 floats (dones: terminated or truncated); values: (T + 1, N), V of
-    every observation including the one after the last step; where an episode ends at t, obs_{t+1} is its final one.
+    """GAE (core detail 5; Schulman et al. 2016, arXiv:1506.02438) over a rollout of T steps of N envs. rewards,
+    terminations, dones: (T, N), the outcome of step t's action as 0/1 floats (dones: terminated or truncated); values:
+    (T + 1, N), V of every observation including the one after the last step; where an episode ends at t, obs_{t+1}
+    is its final one.
 
     Truncation is not termination: a time-limit cut bootstraps from V(final observation), and only a real terminal
     state is worth 0. Either way the recursion stops at the episode's end. The result is a target: no gradient."""
     with torch.no_grad():
         deltas = rewards + gamma * values[1:] * (1.0 - terminations) - values[:-1]
         discounts = gamma * gae_lambda * (1.0 - dones)
-        advantages, next_advantage = [], torch.zeros_like(deltas[0])
+        advantages = []
+        next_advantage = torch.zeros_like(deltas[0])
         for delta, discount in zip(deltas.flip(0), discounts.flip(0)):  # backwards in time
             next_advantage = delta + discount * next_advantage
             advantages.append(next_advantage)
@@ -378,13 +394,15 @@ def compute_gae(
 # --- PPO loss -----------------------------------------------------------------------------------------------
 def mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of x, under torchrun of every rank's x together (count, sum, sum of squares summed over ranks)."""
-    n, total, squares = all_sum(torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double())
+    sums = torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double()
+    n, total, squares = all_sum(sums)
     mean = total / n
-    return mean, ((squares - n * mean**2) / (n - 1)).clamp_min(0).sqrt()
+    var = (squares - n * mean**2) / (n - 1)
+    return mean, var.clamp_min(0).sqrt()
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Zero mean and unit std over the minibatch (detail 7); under torchrun over every rank's part of it together."""
+    """Zero mean and unit std over the minibatch (core detail 7); under torchrun over every rank's part of it."""
     mean, std = mean_std(x)  # in float64
     return ((x - mean) / (std + 1e-8)).to(x.dtype)
 
@@ -412,17 +430,19 @@ def ppo_loss(
     # Importance sampling: the batch was drawn from the old policy, ratio = pi_new / pi_old.
     logratio = newlogp - oldlogp
     ratio = logratio.exp()
-    # The pessimistic minimum gives zero gradient once the ratio leaves [1 - eps, 1 + eps] in the
-    # direction the advantage favours: no incentive to move the policy further from the old one.
-    pg_loss = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)).mean()
+    # The clipped surrogate (core detail 8). The pessimistic minimum gives zero gradient once the ratio leaves
+    # [1 - eps, 1 + eps] in the direction the advantage favours: no incentive to move further from the old policy.
+    clipped_ratio = torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
+    pg_loss = torch.max(-advantages * ratio, -advantages * clipped_ratio).mean()
 
     if clip_vloss:
-        # Value clipping (implementation detail 9): the critic moves at most clip_coef from its old value.
+        # Value loss clipping (core detail 9): the critic moves at most clip_coef from its old value.
         v_clipped = oldvalue + torch.clamp(newvalue - oldvalue, -clip_coef, clip_coef)
         v_loss = 0.5 * torch.max((newvalue - returns) ** 2, (v_clipped - returns) ** 2).mean()
     else:
         v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
 
+    # The overall loss, with an entropy bonus (core detail 10).
     entropy_loss = entropy.mean()
     loss = pg_loss - ent_coef * entropy_loss + vf_coef * v_loss
 
@@ -437,47 +457,44 @@ def ppo_loss(
 
 # --- Training -----------------------------------------------------------------------------------------------
 def policy_shift(logratio: torch.Tensor, clip_coef: float) -> dict[str, torch.Tensor]:
-    """How far the new policy moved from the one that collected the batch, from log(pi_new / pi_old).
-
-    Means over every rank's samples under torchrun, so that all ranks take the same target-KL decision.
-    """
+    """How far the new policy moved from the one that collected the batch, from log(pi_new / pi_old): the debug
+    variables of core detail 12. Means over every rank's samples under torchrun, so that all ranks take the same
+    target-KL decision."""
     with torch.no_grad():
-        w = logratio.exp()
-        sums = all_sum(
-            torch.stack(
-                [
-                    logratio.new_tensor(logratio.numel()),
-                    # KL(old || new) estimators, http://joschu.net/blog/kl-approx.html: the naive -log r and the
-                    # unbiased, always non-negative (r - 1) - log r.
-                    -logratio.sum(),
-                    ((w - 1) - logratio).sum(),
-                    ((w - 1.0).abs() > clip_coef).float().sum(),
-                    w.sum(),
-                    (w**2).sum(),
-                ]
-            )
-        )
-        n = sums[0]
+        ratio = logratio.exp()
+        local = [
+            logratio.new_tensor(logratio.numel()),
+            # KL(old || new) estimators, http://joschu.net/blog/kl-approx.html: the naive -log r and the
+            # unbiased, always non-negative (r - 1) - log r.
+            -logratio.sum(),
+            ((ratio - 1) - logratio).sum(),
+            ((ratio - 1.0).abs() > clip_coef).float().sum(),
+            ratio.sum(),
+            (ratio**2).sum(),
+        ]
+        n, naive_kl, kl, clipped, ratios, squares = all_sum(torch.stack(local))
         return {
-            "old_approx_kl": sums[1] / n,
-            "approx_kl": sums[2] / n,
-            "clipfrac": sums[3] / n,
+            "old_approx_kl": naive_kl / n,
+            "approx_kl": kl / n,
+            "clipfrac": clipped / n,
             # Effective sample size of the importance weights as a fraction of the batch: 1 while
             # new == old, falling toward 0 as a few samples dominate the gradient estimate.
-            "ess": sums[4] ** 2 / (n * sums[5]),
+            "ess": ratios**2 / (n * squares),
         }
 
 
 def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
     """[1 - Var(returns - values) / Var(returns), whether the returns vary enough for it to say anything]: how well
     the critic predicts, over every rank's batch. A tensor, read with the update's other diagnostics."""
-    y, e = y_true.double(), (y_true - y_pred).double()
-    n, sy, syy, se, see, sabs = all_sum(
-        torch.stack([y.new_tensor(y.numel()), y.sum(), (y**2).sum(), e.sum(), (e**2).sum(), y.abs().sum()])
-    )
-    var_y, var_e = (syy - sy**2 / n) / (n - 1).clamp_min(1), (see - se**2 / n) / (n - 1).clamp_min(1)
+    y = y_true.double()
+    e = (y_true - y_pred).double()
+    local = [y.new_tensor(y.numel()), y.sum(), (y**2).sum(), e.sum(), (e**2).sum(), y.abs().sum()]
+    n, y_sum, y_squares, e_sum, e_squares, y_abs = all_sum(torch.stack(local))
+    var_y = (y_squares - y_sum**2 / n) / (n - 1).clamp_min(1)
+    var_e = (e_squares - e_sum**2 / n) / (n - 1).clamp_min(1)
     ev = torch.where(var_y > 0, 1 - var_e / var_y, torch.nan)
-    return torch.stack([ev, ((var_y > 0) & (var_y.sqrt() > 0.05 * sabs / n)).double()]).float()
+    varies = (var_y > 0) & (var_y.sqrt() > 0.05 * y_abs / n)  # a std under 5% of the mean size is noise
+    return torch.stack([ev, varies.double()]).float()
 
 
 def stretches(num_envs: int, num_minibatches: int) -> int:
@@ -486,20 +503,23 @@ def stretches(num_envs: int, num_minibatches: int) -> int:
 
 
 def minibatches(b_inds: torch.Tensor, args: Args, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """One epoch's minibatches, as indices into the rollout flattened step by step (t * N + env).
+    """One epoch's minibatches (core detail 6), as indices into the rollout flattened step by step (t * N + env).
 
-    Feedforward: the transitions (b_inds) shuffled and split. With --lstm, whole sequences in time order (LSTM
-    detail 4), each an (L, sequences) block: every env's rollout, cut into `chunks` stretches of L consecutive steps
-    where there are fewer envs than minibatches (chunks = M / gcd(N, M): the fewest that M minibatches can share
-    evenly), shuffled and split. The update replays them and then drops the steps that only reset an env."""
+    Feedforward: the transitions (b_inds) shuffled and split. With --lstm, whole sequences in time order
+    (LSTM detail 4), each an (L, sequences) block: every env's rollout, cut into `chunks` stretches of L consecutive
+    steps where there are fewer envs than minibatches (`stretches`), shuffled and split. The update replays them and
+    then drops the steps that only reset an env."""
     if not args.lstm:
         return torch.tensor_split(b_inds[torch.randperm(len(b_inds), device=device)], args.num_minibatches)
-    N, M = args.num_envs, args.num_minibatches
+    N = args.num_envs
+    M = args.num_minibatches
     chunks = stretches(N, M)
     L = args.num_steps // chunks
-    starts = (torch.arange(chunks, device=device)[:, None] * L * N + torch.arange(N, device=device)).flatten()
+    chunk_starts = torch.arange(chunks, device=device)[:, None] * L * N
+    starts = (chunk_starts + torch.arange(N, device=device)).flatten()  # every sequence's first index
     steps = torch.arange(L, device=device)[:, None] * N
-    return tuple(steps + s for s in torch.tensor_split(starts[torch.randperm(len(starts), device=device)], M))
+    shuffled = starts[torch.randperm(len(starts), device=device)]
+    return tuple(steps + s for s in torch.tensor_split(shuffled, M))
 
 
 def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
@@ -514,16 +534,18 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         agent = Agent(envs, args.lstm_hidden_size if args.lstm else 0).to(device)
         # Listed once: walking the module tree costs about 0.1 ms, paid twice per minibatch otherwise.
         params = list(agent.parameters())
-        # Adam eps 1e-5 (detail 3) instead of torch's 1e-8; the fused kernel does the whole step in one call.
+        # Adam eps 1e-5 (core detail 3) instead of torch's 1e-8; the fused kernel does the whole step in one call.
         optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
         loss_fn = ppo_loss
         if args.compile:  # torch.compile: the agent's forward passes and the loss, with their backward
-            agent.act, loss_fn = torch.compile(agent.act), torch.compile(ppo_loss)
+            agent.act = torch.compile(agent.act)
+            loss_fn = torch.compile(ppo_loss)
             agent.get_action_and_value = torch.compile(agent.get_action_and_value)
 
         # Rollout storage. obs and valid have T + 1 rows: the last is where the next rollout starts, and the
         # observation after the last step is also what the rollout's last value bootstraps from.
-        T, N = args.num_steps, args.num_envs
+        T = args.num_steps
+        N = args.num_envs
         obs = torch.zeros((T + 1, N, *envs.single_observation_space.shape), dtype=OBS_DTYPE, device=device)
         actions = torch.zeros((T, N, *envs.single_action_space.shape), dtype=torch.long, device=device)
         # Env outputs stay in numpy during the rollout; they become tensors once per rollout, not once per step.
@@ -535,7 +557,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         envs = run.start(agent, optimizer, envs, obs, valid, states)  # resumes from the checkpoint, or resets the envs
 
         for iteration in run.iterations():  # between updates: checkpoints, and the stop on Ctrl-C or SIGTERM
-            if args.anneal_lr:
+            if args.anneal_lr:  # linearly to 0 over training (core detail 4)
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations)
 
             # --- rollout: the actor alone, no autograd bookkeeping ---
@@ -546,8 +568,10 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                     actions[step] = action
                     # On the CPU .cpu() is free; with a GPU this is the one unavoidable copy per step.
                     next_obs, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
-                    rewards[step], terminations[step] = reward, terminated
-                    dones[step] = done = np.logical_or(terminated, truncated)
+                    rewards[step] = reward
+                    terminations[step] = terminated
+                    done = np.logical_or(terminated, truncated)
+                    dones[step] = done
                     # The step after an episode ends only resets that env: not a transition to learn from.
                     valid[step + 1] = ~done
                     obs[step + 1] = torch.as_tensor(next_obs, device=device)
@@ -565,7 +589,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                 values = torch.cat([values, agent.get_value(obs[T], states[T])[None]])
                 advantages = compute_gae(rewards_t, values, terminations_t, dones_t, args.gamma, args.gae_lambda)
             b_obs, b_actions, b_states, b_valid = (x.flatten(0, 1) for x in (obs[:-1], actions, states[:-1], valid_t))
-            b_logprobs, b_values, b_advantages = logprobs.flatten(), values[:-1].flatten(), advantages.flatten()
+            b_logprobs, b_values, b_advantages = (x.flatten() for x in (logprobs, values[:-1], advantages))
             b_returns = b_advantages + b_values
 
             # --- K epochs of minibatch Adam on the batch ---
@@ -578,7 +602,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                             b_obs[mb], b_actions[mb], b_states[mb[0]], b_valid[mb]
                         )
                         keep = b_valid[mb]  # then the steps that only reset an env are dropped
-                        mb, newlogp, entropy, newvalue = mb[keep], newlogp[keep], entropy[keep], newvalue[keep]
+                        mb, newlogp, entropy, newvalue = (x[keep] for x in (mb, newlogp, entropy, newvalue))
                     else:
                         _, newlogp, entropy, newvalue, _ = agent.get_action_and_value(b_obs[mb], b_actions[mb])
                     loss, stats = loss_fn(
@@ -598,22 +622,24 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                     optimizer.zero_grad()
                     loss.backward()
                     average_gradients(params)  # under torchrun: the mean over the ranks, before clipping
-                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)  # core detail 11
                     run.check_finite(loss, grad_norm)  # a NaN or infinite loss stops the run before its step
                     optimizer.step()
                     logratios.append(stats.pop("logratio"))
                     mb_stats.append(torch.stack([*stats.values(), grad_norm]))
                 shift = policy_shift(torch.cat(logratios), args.clip_coef)
                 if args.target_kl is not None and shift["approx_kl"] > args.target_kl:
-                    break  # early stop (detail 12): the policy already moved as far as we allow
+                    break  # early stop on target KL, an addition to the 37 details: the policy moved far enough
 
             # --- diagnostics: losses averaged over the minibatches, the policy's shift over the last epoch ---
-            diagnostics = {**dict(zip([*stats, "grad_norm"], torch.stack(mb_stats).mean(0))), **shift}
-            run.log_update(diagnostics, explained_variance(b_values[b_inds], b_returns[b_inds]), epochs=epoch + 1)
+            means = torch.stack(mb_stats).mean(0)
+            diagnostics = {**dict(zip([*stats, "grad_norm"], means)), **shift}
+            ev = explained_variance(b_values[b_inds], b_returns[b_inds])
+            run.log_update(diagnostics, ev, epochs=epoch + 1)
         return run.result(agent)
 
 
-# --- make_envs' helpers: flattening, action masks, action dimensions, CartPole's own vector env ---
+# --- make_envs' helpers: flattening, action masks, action dimensions, CartPole's own vector env -------------
 def needs_flattening(space: gym.Space) -> bool:
     if isinstance(space, gym.spaces.Box):
         image = len(space.shape) == 3 or (len(space.shape) == 2 and space.dtype == np.uint8)
@@ -640,7 +666,6 @@ def made_alike(env: gym.Env, other: gym.Env) -> bool:
     """Whether env was made as other: the same wrappers, and the same arguments to gym.make."""
     kinds = [[], []]
     for kind, e in zip(kinds, (env, other)):
-        e.close()
         while isinstance(e, gym.Wrapper):
             kind.append(type(e))
             e = e.env
@@ -672,7 +697,8 @@ class ActionMasks(gym.vector.VectorWrapper):
 
     def __init__(self, envs: gym.vector.VectorEnv, env_id: str):
         super().__init__(envs)
-        self.env_id, self.nvec = env_id, choices(envs.single_action_space)
+        self.env_id = env_id
+        self.nvec = choices(envs.single_action_space)
         self.mask_size = int(sum(self.nvec))
         size = envs.single_observation_space.shape[0] + self.mask_size
         self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (size,), np.float32)
@@ -687,14 +713,16 @@ class ActionMasks(gym.vector.VectorWrapper):
         return self.append(obs, info, terminated | truncated), reward, terminated, truncated, info
 
     def append(self, obs: np.ndarray, info: dict, ended: np.ndarray = False) -> np.ndarray:
-        mask = np.asarray(info.get("action_mask", np.zeros((len(obs), 0)))).reshape(len(obs), -1)
+        no_mask = np.zeros((len(obs), 0))
+        mask = np.asarray(info.get("action_mask", no_mask)).reshape(len(obs), -1)
         if mask.shape[1] != self.mask_size:
             raise UsageError(
                 f"--env-id {self.env_id} gave an action mask of {mask.shape[1]} entries, not one per "
                 f"action ({self.mask_size}); or pass --no-action-masks"
             )
         # An episode's final observation may allow no action: the step from it only resets the env, and is not learned.
-        allowed = np.add.reduceat(mask > 0, np.cumsum([0, *self.nvec[:-1]]), axis=1) | np.reshape(ended, (-1, 1))
+        firsts = np.cumsum([0, *self.nvec[:-1]])  # each action dimension's first entry in the mask
+        allowed = np.add.reduceat(mask > 0, firsts, axis=1) | np.reshape(ended, (-1, 1))
         if not allowed.all():
             env, dim = np.argwhere(allowed == 0)[0]
             raise UsageError(
@@ -708,8 +736,9 @@ def choices(space: gym.Space) -> list[int]:
     """The number of options of each action dimension (MultiBinary: 2 each)."""
     if isinstance(space, gym.spaces.Discrete):
         return [int(space.n)]
-    multi = isinstance(space, gym.spaces.MultiDiscrete)
-    return [int(n) for n in space.nvec.ravel()] if multi else [2] * int(np.prod(space.shape))
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return [int(n) for n in space.nvec.ravel()]
+    return [2] * int(np.prod(space.shape))
 
 
 # --- What Part B needs of this script's envs: checks, checkpoints, the statistics saved with the agent ------
@@ -718,14 +747,13 @@ def check_env(env_id: str) -> None:
     if env_id.split(":")[-1].startswith("ALE/") or "NoFrameskip" in env_id:
         raise UsageError(f"--env-id {env_id} is an Atari game; train it with ppo_atari.py")
     env = make_env(env_id, 0)()
-    act, obs = env.action_space, env.observation_space
+    act = env.action_space
+    obs = env.observation_space
     env.close()
     if isinstance(act, gym.spaces.Box):
         raise UsageError(f"--env-id {env_id} has continuous actions ({act}); train it with ppo_continuous.py")
-    if (
-        not isinstance(act, (gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary))
-        or len(act.shape) > 1
-    ):
+    discrete = isinstance(act, (gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary))
+    if not discrete or len(act.shape) > 1:
         raise UsageError(
             f"--env-id {env_id} has a {type(act).__name__} action space of shape {act.shape}; this "
             "script needs Discrete actions, or one-dimensional MultiDiscrete or MultiBinary ones"
@@ -740,7 +768,8 @@ def check_env(env_id: str) -> None:
 
 
 def env_state(env: gym.Env) -> bytes:
-    return cloudpickle.dumps(env)  # all a checkpoint needs to continue one env exactly: it pickles with its wrappers
+    """Everything a checkpoint needs to continue one env exactly: the env and its wrappers pickle as they are."""
+    return cloudpickle.dumps(env)
 
 
 def restore_env_state(state: bytes) -> gym.Env:
@@ -748,7 +777,9 @@ def restore_env_state(state: bytes) -> gym.Env:
 
 
 def env_stats(envs: gym.vector.VectorEnv) -> dict:
-    return {}  # what the envs learned that is saved with the agent: nothing here (ppo_continuous.py: normalization)
+    """What the envs learned that belongs to the trained model, saved with it: nothing here (in ppo_continuous.py,
+    the observation statistics)."""
+    return {}
 
 
 def load_env_stats(envs: gym.vector.VectorEnv, stats: dict) -> None:

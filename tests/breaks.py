@@ -24,7 +24,9 @@ BREAKS = {
     "advantage normalization": {
         "edits": [("return ((x - mean) / (std + 1e-8)).to(x.dtype)", "return (x / (std + 1e-8)).to(x.dtype)")]
     },
-    "clipped surrogate objective": {"edits": [("1 + clip_coef)).mean()", "1 + clip_coef)).sum()")]},
+    "clipped surrogate objective": {
+        "edits": [("-advantages * clipped_ratio).mean()", "-advantages * clipped_ratio).sum()")]
+    },
     "value loss clipping": {
         "edits": [
             (
@@ -49,9 +51,9 @@ BREAKS = {
             )
         ]
     },
-    "debug variables": {"edits": [('"approx_kl": sums[2] / n', '"approx_kl": sums[1] / n')]},
+    "debug variables": {"edits": [('"approx_kl": kl / n', '"approx_kl": naive_kl / n')]},
     "early stopping on target KL": {
-        "edits": [("break  # early stop (detail 12)", "continue  # early stop (detail 12)")]
+        "edits": [("break  # early stop on target KL", "continue  # early stop on target KL")]
     },
     "shared and separate MLP networks": {
         "edits": [
@@ -105,13 +107,9 @@ BREAKS = {
     "reward scaling": {"edits": [("ScaleReward(envs, gamma=args.gamma)", "ScaleReward(envs)")]},
     "reward clipping": {"edits": [("np.clip(reward, -args.clip_reward,", "np.clip(reward, -args.clip_obs,")]},
     # --- the 5 LSTM details ---
-    "LSTM initialization": {
-        "edits": [('if name.startswith("weight") else nn.init.zeros_(param)', 'if name.startswith("weight") else None')]
-    },
+    "LSTM initialization": {"edits": [("nn.init.zeros_(param)", "pass")]},
     "zero initial state": {"edits": [("                buffer[-1] = 0\n", "                pass\n")]},
-    "the state reset at every episode's end": {
-        "edits": [("h, c, start = h * keep[end - 1], c * keep[end - 1], end", "h, c, start = h, c, end")]
-    },
+    "the state reset at every episode's end": {"edits": [("ended = keep[end - 1]", "ended = 1")]},
     "minibatches of whole sequences in time order": {
         "edits": [
             (
@@ -198,8 +196,8 @@ BREAKS = {
     "data-parallel training with torchrun": {
         "edits": [
             (
-                "n, total, squares = all_sum(torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double())",
-                "n, total, squares = torch.stack([x.new_tensor(x.numel()), x.sum(), (x**2).sum()]).double()",
+                "n, total, squares = all_sum(sums)",
+                "n, total, squares = sums",
             )
         ]
     },

@@ -73,7 +73,7 @@ def train_and_record(args, stop_at_step=None):
             "global_step": result["global_step"],
             "episodes": len(result["episodes"]["returns"]),
             "obs_rms": result["env_stats"].get("obs_rms"),
-            "minibatch_size": args.minibatch_size,
+            "minibatch_size": args.batch_size // args.num_minibatches,
             "world_size": args.world_size,
         },
         os.path.join(out, f"rank{rank}.pt"),

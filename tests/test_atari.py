@@ -1,6 +1,7 @@
 """ppo_atari.py's envs, on real ROMs: the preprocessing, FIRE, lost lives, the real score, the emulator in checkpoints."""
 
 import os
+import re
 
 import cv2
 import gymnasium as gym
@@ -218,6 +219,17 @@ def test_a_run_with_ale_vector_resumes_with_new_episodes_and_says_so(in_tmp_dir,
     resumed = ppo.train(tiny(env_backend="ale-vector", resume="runs/tiny/checkpoint.pt"))
     assert resumed["global_step"] == 256
     assert "runs/tiny/checkpoint.pt holds no envs (its envs cannot be saved: " in capsys.readouterr().err
+
+
+def test_env_backend_is_one_of_its_choices_and_help_lists_them(capsys):
+    with pytest.raises(SystemExit) as refused:
+        ppo.main(["--env-backend", "nonsense"])
+    err = " ".join(re.sub("[│╭╮╰╯─]", " ", capsys.readouterr().err).split())  # tyro's boxes wrap the lines
+    assert refused.value.code == 2 and "'nonsense'" in err and "('gymnasium', 'ale-vector')" in err, err
+    with pytest.raises(SystemExit) as helped:
+        ppo.main(["--help"])
+    out = " ".join(re.sub("[│╭╮╰╯─]", " ", capsys.readouterr().out).split())
+    assert helped.value.code == 0 and "--env-backend {gymnasium,ale-vector}" in out
 
 
 def test_ale_vector_refuses_video_in_one_line(in_tmp_dir, capsys):

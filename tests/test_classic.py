@@ -28,6 +28,46 @@ def test_cartpole_as_it_comes_steps_in_its_numpy_native_vector_env():
     envs.close()
 
 
+class CountedEnv(gym.Env):
+    """Counts its copies that are open in this process."""
+
+    open = 0
+    observation_space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self):
+        CountedEnv.open += 1
+        self.closed = False
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(4, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(4, np.float32), 1.0, False, False, {}
+
+    def close(self):
+        CountedEnv.open -= not self.closed
+        self.closed = True
+
+
+gym.register("TestCounted-v0", entry_point=CountedEnv)
+# The same env offered with a native vector env, as CartPole is: make_envs compares it with gym.make's first.
+gym.register(
+    "TestCountedNative-v0", entry_point=CountedEnv, vector_entry_point=gym.spec("CartPole-v1").vector_entry_point
+)
+
+
+@pytest.mark.parametrize(
+    "env_id, kw", [("TestCounted-v0", {}), ("TestCounted-v0", {"async_envs": True}), ("TestCountedNative-v0", {})]
+)
+def test_make_envs_leaves_no_env_open_but_its_own(env_id, kw):
+    CountedEnv.open = 0
+    envs = ppo.make_envs(ppo.Args(env_id=env_id, **kw), 2)
+    envs.close()
+    assert CountedEnv.open == 0
+
+
 def test_a_wrapper_added_in_make_env_applies_to_every_training_env(monkeypatch):
     # CartPole's native vector env bypasses make_env: it must step aside once make_env adds a wrapper.
     steps = []

@@ -116,7 +116,7 @@ def test_same_updates_as_one_process_with_the_same_global_batch(two_rank_run, in
     steps = [float(c["optimizer"]["state"][0]["step"]) for c in (ckpt1, ckpt2)]
     assert steps == [128.0, 128.0]
     r0, _ = ranks(two_rank_run / "out")
-    assert r0["world_size"] * r0["minibatch_size"] == ppo_discrete.Args(num_envs=4, num_steps=64).minibatch_size
+    assert r0["world_size"] * r0["minibatch_size"] == 4 * 64 // 4  # num_envs * num_steps // num_minibatches
     assert len(ckpt2["ranks"]) == 2 and len(ckpt1["ranks"]) == 1
 
 

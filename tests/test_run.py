@@ -91,7 +91,6 @@ BAD = [  # (script, argv, what the line must say)
     ("ppo_atari", ["--env-id", "CartPole-v1"], "is not an Atari game; train it with ppo_discrete.py"),
     ("ppo_atari", ["--env-id", "BreakoutNoFrameskip-v5"], "It provides versioned environments: [ `v0`, `v4` ]"),
     ("ppo_atari", ["--sticky-actions", "1.5"], "--sticky-actions is 1.5; it must be in [0, 1)"),
-    ("ppo_atari", ["--env-backend", "envpool"], "--env-backend is envpool; it must be gymnasium or ale-vector"),
     ("ppo_atari", ["--frame-stack", "0"], "--frame-stack is 0; it must be positive"),
     ("ppo_discrete", ["--lstm", "--lstm-hidden-size", "0"], "--lstm-hidden-size is 0; it must be positive"),
     ("ppo_atari", ["--gamma", "nan"], "--gamma is nan"),
@@ -225,7 +224,7 @@ def test_the_defaults_are_the_classic_ones():
     )
     assert (args.ent_coef, args.vf_coef, args.max_grad_norm, args.target_kl, args.seed) == (0.01, 0.5, 0.5, None, 1)
     assert args.norm_adv and args.clip_vloss and args.anneal_lr
-    assert (args.batch_size, args.minibatch_size, args.num_iterations) == (512, 128, 976)
+    assert (args.batch_size, args.batch_size // args.num_minibatches, args.num_iterations) == (512, 128, 976)
 
 
 # ----------------------------------------------------------------------------------------------------
