@@ -1,18 +1,18 @@
 """The break of every row of DETAILS.md: the smallest careless edit of that detail, each `old` text replaced by `new`,
 made in each script the row names (or only in the script given as "only"). tests/mutations.py makes each break in a
-copy of the project and runs the row's tests there: at least one of them must fail. Keyed by the row's detail, up
-to its first colon."""
+copy of the project and runs the row's tests there: at least one of them must fail. Keyed by the row's detail, without
+its number, up to its first colon."""
 
 BREAKS = {
     # --- the 13 core details ---
     "vectorized architecture": {
         "edits": [("self.global_step += self.args.num_envs * self.world_size", "self.global_step += self.world_size")]
     },
-    "orthogonal initialization": {
+    "orthogonal initialization of weights and constant initialization of biases": {
         "edits": [("nn.init.orthogonal_(layer.weight, std)", "nn.init.orthogonal_(layer.weight)")]
     },
-    "Adam epsilon 1e-5": {"edits": [("eps=1e-5, fused=True", "eps=1e-8, fused=True")]},
-    "learning-rate annealing": {
+    "the Adam optimizer's epsilon parameter": {"edits": [("eps=1e-5, fused=True", "eps=1e-8, fused=True")]},
+    "Adam learning rate annealing": {
         "edits": [("(1.0 - (iteration - 1.0) / args.num_iterations)", "(1.0 - iteration / args.num_iterations)")]
     },
     "generalized advantage estimation": {
@@ -21,13 +21,13 @@ BREAKS = {
         ]
     },
     "mini-batch updates": {"edits": [("b_inds[torch.randperm(len(b_inds), device=device)], args", "b_inds, args")]},
-    "advantage normalization": {
+    "normalization of advantages": {
         "edits": [("return ((x - mean) / (std + 1e-8)).to(x.dtype)", "return (x / (std + 1e-8)).to(x.dtype)")]
     },
     "clipped surrogate objective": {
         "edits": [("-advantages * clipped_ratio).mean()", "-advantages * clipped_ratio).sum()")]
     },
-    "value loss clipping": {
+    "value function loss clipping": {
         "edits": [
             (
                 "v_clipped = oldvalue + torch.clamp(newvalue - oldvalue, -clip_coef, clip_coef)",
@@ -52,10 +52,7 @@ BREAKS = {
         ]
     },
     "debug variables": {"edits": [('"approx_kl": kl / n', '"approx_kl": naive_kl / n')]},
-    "early stopping on target KL": {
-        "edits": [("break  # early stop on target KL", "continue  # early stop on target KL")]
-    },
-    "shared and separate MLP networks": {
+    "shared and separate MLP networks for policy and value functions": {
         "edits": [
             (
                 "return action, logp, entropy, self.critic(x.detach()).squeeze(-1), state",
@@ -77,13 +74,13 @@ BREAKS = {
             ("FrameStackObservation(env, frame_stack)", 'FrameStackObservation(env, frame_stack, padding_type="zero")')
         ]
     },
-    "shared Nature-CNN": {"edits": [("shape[0], 32, 8, stride=4)", "shape[0], 32, 8, stride=2)")]},
-    "scaling images to [0, 1]": {"edits": [("/ 255.0)", "/ 256.0)")]},
+    "shared Nature-CNN network": {"edits": [("shape[0], 32, 8, stride=4)", "shape[0], 32, 8, stride=2)")]},
+    "scaling the images to [0, 1]": {"edits": [("/ 255.0)", "/ 256.0)")]},
     # --- the 9 continuous-control details ---
     "continuous actions via normal distributions": {
         "edits": [("- logstd - 0.5 * math.log(2 * math.pi)).sum(-1)", "- 0.5 * math.log(2 * math.pi)).sum(-1)")]
     },
-    "state-independent log std": {
+    "state-independent log standard deviation": {
         "edits": [("nn.Parameter(torch.zeros(1, act_dim))", "nn.Parameter(torch.ones(1, act_dim))")]
     },
     "independent action components": {
@@ -91,7 +88,7 @@ BREAKS = {
             ("- logstd - 0.5 * math.log(2 * math.pi)).sum(-1)", "- logstd - 0.5 * math.log(2 * math.pi)).mean(-1)")
         ]
     },
-    "separate policy and value networks": {
+    "separate MLP networks for policy and value functions": {
         "edits": [
             (
                 "return action, logp, entropy, self.critic(x.detach()).squeeze(-1), state",
@@ -99,18 +96,22 @@ BREAKS = {
             )
         ]
     },
-    "action clipping and storage": {"edits": [("np.clip(action, low, high)", "action")]},
-    "observation normalization": {"edits": [("NormalizeObservation(envs)", "NormalizeObservation(envs, epsilon=1.0)")]},
+    "handling of action clipping to valid range and storage": {"edits": [("np.clip(action, low, high)", "action")]},
+    "normalization of observation": {
+        "edits": [("NormalizeObservation(envs)", "NormalizeObservation(envs, epsilon=1.0)")]
+    },
     "observation clipping": {
         "edits": [("np.clip(obs, -args.clip_obs, args.clip_obs)", "np.clip(obs, -args.clip_obs, args.clip_reward)")]
     },
     "reward scaling": {"edits": [("ScaleReward(envs, gamma=args.gamma)", "ScaleReward(envs)")]},
     "reward clipping": {"edits": [("np.clip(reward, -args.clip_reward,", "np.clip(reward, -args.clip_obs,")]},
     # --- the 5 LSTM details ---
-    "LSTM initialization": {"edits": [("nn.init.zeros_(param)", "pass")]},
-    "zero initial state": {"edits": [("                buffer[-1] = 0\n", "                pass\n")]},
-    "the state reset at every episode's end": {"edits": [("ended = keep[end - 1]", "ended = 1")]},
-    "minibatches of whole sequences in time order": {
+    "layer initialization for LSTM layers": {"edits": [("nn.init.zeros_(param)", "pass")]},
+    "initialize the LSTM states to be zeros": {
+        "edits": [("                buffer[-1] = 0\n", "                pass\n")]
+    },
+    "reset LSTM states at the end of the episode": {"edits": [("ended = keep[end - 1]", "ended = 1")]},
+    "prepare sequential rollouts in mini-batches": {
         "edits": [
             (
                 "steps = torch.arange(L, device=device)[:, None] * N",
@@ -118,18 +119,16 @@ BREAKS = {
             )
         ]
     },
-    "the states rebuilt in the update": {
+    "reconstruct LSTM states during training": {
         "edits": [("b_states[mb[0]], b_valid[mb]", "0 * b_states[mb[0]], b_valid[mb]")]
     },
-    "the LSTM learns from the policy loss alone": {
-        "edits": [("self.critic(x.detach()).squeeze(-1), state", "self.critic(x).squeeze(-1), state")]
+    # --- the MultiDiscrete detail ---
+    "MultiDiscrete action spaces": {
+        "edits": [("logp, entropy = logp.sum(-1), entropy.sum(-1)", "logp, entropy = logp.mean(-1), entropy.mean(-1)")]
     },
-    # --- discrete envs of your own ---
+    # --- part two, every other computation: discrete envs of your own ---
     "invalid action masking": {
         "edits": [("self.mask_size :] > 0.5, self.actor(x), -1e8)", "self.mask_size :] > 0.5, self.actor(x), -1e-8)")]
-    },
-    "MultiDiscrete (and MultiBinary) actions": {
-        "edits": [("logp, entropy = logp.sum(-1), entropy.sum(-1)", "logp, entropy = logp.mean(-1), entropy.mean(-1)")]
     },
     "observations gymnasium can flatten": {"edits": [("    return space.is_np_flattenable", "    return False")]},
     "an episode's final observation may allow no action": {"edits": [(" | np.reshape(ended, (-1, 1))", "")]},
@@ -140,7 +139,10 @@ BREAKS = {
     "one place for an env wrapper": {
         "edits": [("return kinds[0] == kinds[1] and env.spec == other.spec", "return kinds[0] == kinds[1]")]
     },
-    # --- ours: every other computation ---
+    # --- part two: the update, the policies, the envs, the LSTM, running the experiment ---
+    "early stopping on target KL": {
+        "edits": [("break  # early stop on target KL", "continue  # early stop on target KL")]
+    },
     "truncation is not termination": {
         "edits": [("gamma * values[1:] * (1.0 - terminations)", "gamma * values[1:] * (1.0 - dones)")]
     },
@@ -185,8 +187,19 @@ BREAKS = {
     "reward scaling in the reference order": {
         "edits": [("self.accumulated_reward[terminated | truncated] = 0.0", "pass")]
     },
+    "reward statistics of real transitions only": {
+        "edits": [
+            (
+                "self.return_rms.update(self.accumulated_reward[active])",
+                "self.return_rms.update(self.accumulated_reward)",
+            )
+        ]
+    },
     "normalization statistics with the model": {
         "edits": [('    load_env_stats(envs, data.get("env_stats", {}))', "    pass")]
+    },
+    "the LSTM learns from the policy loss alone": {
+        "edits": [("self.critic(x.detach()).squeeze(-1), state", "self.critic(x).squeeze(-1), state")]
     },
     "health warnings": {"edits": [("ess < 0.5,", "ess < 0.05,")]},
     "a NaN loss stops the run": {

@@ -277,9 +277,11 @@ TINY = {  # a few seconds each
 }
 
 
-def tiny_args(ppo, **kw):
-    """Args of the smallest run of the script's env family, one epoch per update, no progress display."""
-    return ppo.Args(**{**TINY[ppo.__name__], "update_epochs": 1, "progress": False, "run_name": "tiny", **kw})
+def tiny(ppo, sizes: dict = None, **kw):
+    """Args of the smallest run of the script's env family, one epoch per update, no progress display; `sizes` (a
+    test file's own run sizes) and then `kw` override them."""
+    base = {**TINY[ppo.__name__], "update_epochs": 1, "progress": False, "run_name": "tiny"}
+    return ppo.Args(**{**base, **(sizes or {}), **kw})
 
 
 def tiny_argv(ppo, **kw) -> list[str]:

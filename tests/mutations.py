@@ -1,7 +1,7 @@
 """Make the break of each row of DETAILS.md (tests/breaks.py) on purpose, one at a time, and check that its tests fail.
 
     python tests/mutations.py                       # every row, each script's break alone (about 3 minutes)
-    python tests/mutations.py --only "value loss clipping" "generalized"
+    python tests/mutations.py --only "value function loss clipping" "generalized"
     python tests/mutations.py --list                # the rows and their breaks
     python tests/mutations.py --jobs 2              # two breaks at a time (a core each)
 
@@ -25,7 +25,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from details import ROOT, SCRIPTS, break_of, checks_of, modules, read_map, row_id  # noqa: E402
+from details import ROOT, SCRIPTS, break_of, checks_of, modules, read_map, row_id, title  # noqa: E402
 
 PART_B = "\n# Part B: running the experiment\n"
 COPIED = (
@@ -185,11 +185,11 @@ def check_all(todo: list[tuple[dict, str]], jobs: int = 1):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", nargs="*", default=None, help="rows whose detail starts with one of these")
+    parser.add_argument("--only", nargs="*", default=None, help="rows whose detail (without its number) starts so")
     parser.add_argument("--list", action="store_true", help="list the rows and their breaks, run nothing")
     parser.add_argument("--jobs", type=int, default=1, help="breaks checked at the same time")
     args = parser.parse_args(argv)
-    rows = [r for r in all_rows() if args.only is None or any(r["detail"].startswith(o) for o in args.only)]
+    rows = [r for r in all_rows() if args.only is None or any(title(r).startswith(o) for o in args.only)]
     if args.list:
         for row in rows:
             print(f"{row_id(row)}: {break_of(row)}")

@@ -6,20 +6,9 @@ import numpy as np
 import pytest
 
 import ppo_discrete as ppo
-from helpers import assert_bad_input, same_params
+from helpers import assert_bad_input, same_params, tiny
 
-
-def tiny(**kw) -> ppo.Args:
-    base = dict(
-        total_timesteps=1024,
-        num_envs=2,
-        num_steps=64,
-        num_minibatches=2,
-        update_epochs=2,
-        progress=False,
-        run_name="tiny",
-    )
-    return ppo.Args(**{**base, **kw})
+RUN = dict(total_timesteps=1024, update_epochs=2)  # 8 updates of 2 envs x 64 steps
 
 
 def test_cartpole_as_it_comes_steps_in_its_numpy_native_vector_env():
@@ -79,7 +68,7 @@ def test_a_wrapper_added_in_make_env_applies_to_every_training_env(monkeypatch):
 
     make_env = ppo.make_env
     monkeypatch.setattr(ppo, "make_env", lambda *a, **kw: lambda: Counting(make_env(*a, **kw)()))
-    result = ppo.train(tiny())
+    result = ppo.train(tiny(ppo, RUN))
     # Every step of the run went through the wrapper, but the steps that only reset an ended episode.
     assert result["global_step"] - len(result["episodes"]["returns"]) <= len(steps) <= result["global_step"]
 
@@ -90,7 +79,7 @@ def test_arguments_added_to_gym_make_in_make_env_apply_to_every_training_env(mon
     monkeypatch.setattr(
         ppo, "make_env", lambda env_id, idx, video_dir=None: lambda: gym.make(env_id, max_episode_steps=5)
     )
-    result = ppo.train(tiny())
+    result = ppo.train(tiny(ppo, RUN))
     assert result["episodes"]["lengths"] and max(result["episodes"]["lengths"]) <= 5
 
 
@@ -102,7 +91,7 @@ def test_arguments_added_to_gym_make_in_make_env_apply_to_every_training_env(mon
     "env_id, mask_size", [("TestMasked-v0", 5), ("TestMaskedDict-v0", 5), ("TestMaskedMulti-v0", 3 + 5 + 2)]
 )
 def test_masks_from_info_or_from_a_dict_observation_are_respected_in_training(env_id, mask_size):
-    result = ppo.train(tiny(env_id=env_id))
+    result = ppo.train(tiny(ppo, RUN, env_id=env_id))
     assert result["global_step"] == 1024 and result["agent"].mask_size == mask_size
 
 
@@ -119,7 +108,7 @@ def test_a_mask_that_allows_no_action_is_a_clear_error(capsys):
 def test_a_final_observation_may_allow_no_action(in_tmp_dir):
     # A game over that leaves no legal move: the step from the final observation only resets the env, and the action
     # chosen there is never sent to it nor learned from. Training and evaluation go on.
-    result = ppo.train(tiny(env_id="TestGameOver-v0", save_model=True))
+    result = ppo.train(tiny(ppo, RUN, env_id="TestGameOver-v0", save_model=True))
     assert result["global_step"] == 1024 and len(result["episodes"]["returns"]) >= 50
     returns, _ = ppo.evaluate("runs/tiny/agent.pt", episodes=3)
     assert len(returns) == 3
@@ -128,14 +117,14 @@ def test_a_final_observation_may_allow_no_action(in_tmp_dir):
 @pytest.mark.parametrize("env_id", ["TestStart-v0", "TestStartMulti-v0"])
 def test_actions_that_start_elsewhere_than_0_are_shifted_for_the_env(env_id, in_tmp_dir):
     # Discrete(3, start=-2) takes -2, -1, 0: the agent picks 0, 1, 2, and the env gets them shifted.
-    result = ppo.train(tiny(env_id=env_id, save_model=True))
+    result = ppo.train(tiny(ppo, RUN, env_id=env_id, save_model=True))
     assert result["global_step"] == 1024
     assert result["agent"].nvec == ([3] if env_id == "TestStart-v0" else [3, 2])
     assert len(ppo.evaluate("runs/tiny/agent.pt", episodes=2)[0]) == 2
 
 
 def test_masks_given_only_after_a_step_are_named_in_a_warning(capsys):
-    result = ppo.train(tiny(env_id="TestLateMasks-v0", total_timesteps=128, num_steps=32))
+    result = ppo.train(tiny(ppo, RUN, env_id="TestLateMasks-v0", total_timesteps=128, num_steps=32))
     assert result["agent"].mask_size == 0
     assert "gives info['action_mask'] after a step but not at reset" in capsys.readouterr().err
 
@@ -148,15 +137,15 @@ def test_no_action_masks_trains_without_them(monkeypatch):
         seen.append((self.mask_size, envs.single_observation_space.shape))
 
     monkeypatch.setattr(ppo.Agent, "__init__", record)
-    ppo.train(tiny(env_id="Taxi-v4", action_masks=False, total_timesteps=256))
-    ppo.train(tiny(env_id="Taxi-v4", run_name="masked", total_timesteps=256))
+    ppo.train(tiny(ppo, RUN, env_id="Taxi-v4", action_masks=False, total_timesteps=256))
+    ppo.train(tiny(ppo, RUN, env_id="Taxi-v4", run_name="masked", total_timesteps=256))
     assert seen == [(0, (500,)), (6, (506,))]  # Taxi's 500 states one-hot, then its 6 actions' mask
 
 
 def test_a_masked_run_resumes_exactly_and_its_saved_agent_evaluates(in_tmp_dir):
-    straight = ppo.train(tiny(env_id="TestMaskedMulti-v0", run_name="straight", save_model=True))
-    ppo.train(tiny(env_id="TestMaskedMulti-v0", run_name="cut", checkpoint_every=1), stop_at_step=512)
-    resumed = ppo.train(tiny(env_id="TestMaskedMulti-v0", resume="runs/cut/checkpoint.pt"))
+    straight = ppo.train(tiny(ppo, RUN, env_id="TestMaskedMulti-v0", run_name="straight", save_model=True))
+    ppo.train(tiny(ppo, RUN, env_id="TestMaskedMulti-v0", run_name="cut", checkpoint_every=1), stop_at_step=512)
+    resumed = ppo.train(tiny(ppo, RUN, env_id="TestMaskedMulti-v0", resume="runs/cut/checkpoint.pt"))
     assert same_params(straight["agent"].state_dict(), resumed["agent"].state_dict())
     returns, _ = ppo.evaluate("runs/straight/agent.pt", episodes=3, deterministic=True)
     assert returns.shape == (3,)
@@ -199,7 +188,3 @@ def test_a_two_dimensional_action_space_is_refused(capsys):
     if "TestGridActions-v0" not in gym.registry:
         gym.register("TestGridActions-v0", entry_point=Grid)
     assert_bad_input(ppo.main, ["--env-id", "TestGridActions-v0"], "one-dimensional MultiDiscrete", capsys)
-
-
-def test_box2d_envs_run_out_of_the_box():
-    assert ppo.train(tiny(env_id="LunarLander-v3", total_timesteps=256))["global_step"] == 256

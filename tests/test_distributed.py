@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ppo_discrete
-from helpers import ROOT, same_params
+from helpers import ROOT, load, same_params
 
 WORKER = os.path.join(ROOT, "tests", "dp_worker.py")
 # 2 ranks x 2 envs x 64 steps = one global batch of 256; 2048 steps = 8 updates.
@@ -99,25 +99,6 @@ def test_two_ranks_hold_identical_parameters_and_count_global_steps(two_rank_run
     assert len(glob.glob(str(two_rank_run / "runs" / "full" / "events.out.tfevents.*"))) == 1
     saved = torch.load(two_rank_run / "runs" / "full" / "agent.pt", weights_only=True)
     assert same_params(saved["model"], r0["model"])
-
-
-def test_same_updates_as_one_process_with_the_same_global_batch(two_rank_run, in_tmp_dir):
-    ckpt2 = torch.load(two_rank_run / "runs" / "full" / "checkpoint.pt", weights_only=True)
-    # One process with 4 envs collects the same 256 transitions per update as 2 ranks with 2 each.
-    ppo_discrete.train(
-        ppo_discrete.Args(
-            total_timesteps=2048, num_envs=4, num_steps=64, progress=False, checkpoint_every=4, run_name="one"
-        )
-    )
-    ckpt1 = torch.load(in_tmp_dir / "runs" / "one" / "checkpoint.pt", weights_only=True)
-    assert ckpt1["iteration"] == ckpt2["iteration"] == 8
-    assert ckpt1["global_step"] == ckpt2["global_step"] == 2048
-    # The same number of Adam steps (8 updates x 4 epochs x 4 minibatches) on minibatches of the same size.
-    steps = [float(c["optimizer"]["state"][0]["step"]) for c in (ckpt1, ckpt2)]
-    assert steps == [128.0, 128.0]
-    r0, _ = ranks(two_rank_run / "out")
-    assert r0["world_size"] * r0["minibatch_size"] == 4 * 64 // 4  # num_envs * num_steps // num_minibatches
-    assert len(ckpt2["ranks"]) == 2 and len(ckpt1["ranks"]) == 1
 
 
 def test_resume_of_a_two_rank_run_matches_the_run_that_was_not_stopped(two_rank_run, in_tmp_dir):
@@ -300,6 +281,8 @@ def test_two_ranks_update_like_one_process_with_the_same_global_batch(module, in
         "--total-timesteps",
         str(total),
         "--no-progress",
+        "--checkpoint-every",
+        "4",
         *options,
     ]
     patches = {"SAME_ACTIONS": "1", **({"FROZEN_STATS": "1"} if module == "ppo_continuous" else {})}
@@ -327,6 +310,15 @@ def test_two_ranks_update_like_one_process_with_the_same_global_batch(module, in
     single = torch.load(in_tmp_dir / "one" / "rank0.pt", weights_only=True)
     r0 = ranks(in_tmp_dir / "two")[0]
     assert r0["global_step"] == single["global_step"] == total
+    # The same updates, the same number of Adam steps (4 updates x 2 epochs x 1 minibatch), on minibatches of the
+    # same global size; the two ranks' checkpoint holds each rank's envs.
+    ckpt1 = load(in_tmp_dir / "runs" / "one" / "checkpoint.pt")
+    ckpt2 = load(in_tmp_dir / "runs" / "two" / "checkpoint.pt")
+    assert ckpt1["iteration"] == ckpt2["iteration"] == 4
+    assert ckpt1["global_step"] == ckpt2["global_step"] == total
+    assert [float(c["optimizer"]["state"][0]["step"]) for c in (ckpt1, ckpt2)] == [8.0, 8.0]
+    assert r0["world_size"] * r0["minibatch_size"] == single["minibatch_size"] == 2 * n * steps
+    assert len(ckpt2["ranks"]) == 2 and len(ckpt1["ranks"]) == 1
     # Exact but for the order of float32 sums (two means of half the batch averaged, against one mean of
     # all of it): the parameters agree to 2e-6 or better; each break above moves them by 4e-4 or more.
     for k in single["model"]:

@@ -12,29 +12,10 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from helpers import SCRIPTS, load, logged, same_params
+from helpers import SCRIPTS, load, logged, same_params, tiny
 
-TINY_ENV = {
-    "ppo_discrete": "CartPole-v1",
-    "ppo_continuous": "InvertedPendulum-v5",
-    "ppo_atari": "BreakoutNoFrameskip-v4",
-}
-
-
-def tiny(ppo, **kw):
-    """Two updates of 3 envs x 16 steps on a real env of the script's kind."""
-    base = dict(
-        env_id=TINY_ENV[ppo.__name__],
-        num_envs=3,
-        num_steps=16,
-        total_timesteps=96,
-        num_minibatches=2,
-        update_epochs=2,
-        progress=False,
-        run_name="tiny",
-        cuda=False,
-    )
-    return ppo.Args(**{**base, **kw})
+# Two updates of 3 envs x 16 steps, 2 epochs of 2 minibatches, on a real env of the script's kind.
+LOOP = dict(num_envs=3, num_steps=16, total_timesteps=96, num_minibatches=2, update_epochs=2, cuda=False)
 
 
 class Recorder(gymnasium.vector.VectorWrapper):
@@ -90,7 +71,7 @@ def recording(ppo, monkeypatch) -> dict:
 
 def test_envs_step_as_one_batch_and_each_update_learns_from_all_of_them(ppo, monkeypatch):
     seen = recording(ppo, monkeypatch)
-    result = ppo.train(tiny(ppo))
+    result = ppo.train(tiny(ppo, LOOP))
     assert [tuple(call[0].shape) for call in seen["gae"]] == [(16, 3)] * 2  # each update: T x N transitions
     assert all(obs.shape[0] == 3 for obs, *_ in seen["returned"])  # one call steps the 3 envs
     assert result["global_step"] == 3 * 16 * 2
@@ -100,13 +81,13 @@ def test_each_env_is_seeded_with_the_seed_plus_its_index(ppo, monkeypatch):
     # The vector env seeds env i with the seed it is given plus i: a run gives the seed itself, so two seeds give
     # other episodes and no env of the run shares its seed.
     seen = recording(ppo, monkeypatch)
-    ppo.train(tiny(ppo, seed=7, total_timesteps=48))
+    ppo.train(tiny(ppo, LOOP, seed=7, total_timesteps=48))
     assert [seed for *_, seed in seen["returned"] if seed is not None] == [7]
 
 
 def test_the_value_target_is_the_advantage_plus_the_old_value(ppo, monkeypatch):
     seen = recording(ppo, monkeypatch)
-    ppo.train(tiny(ppo, total_timesteps=48))
+    ppo.train(tiny(ppo, LOOP, total_timesteps=48))
     for _newlogp, _oldlogp, advantages, _newvalue, oldvalue, returns, _entropy in seen["loss"]:
         assert oldvalue.abs().max() > 1e-3  # the critic's values are not 0, so a wrong target would show
         torch.testing.assert_close(returns, advantages + oldvalue, rtol=0, atol=0)
@@ -114,7 +95,7 @@ def test_the_value_target_is_the_advantage_plus_the_old_value(ppo, monkeypatch):
 
 def test_the_last_step_bootstraps_from_the_value_of_the_observation_after_it(ppo, monkeypatch):
     seen = recording(ppo, monkeypatch)
-    ppo.train(tiny(ppo, total_timesteps=48))
+    ppo.train(tiny(ppo, LOOP, total_timesteps=48))
     ((_, values, _, _, _, agent, _),) = seen["gae"]
     last = torch.as_tensor(seen["returned"][-1][0], dtype=ppo.OBS_DTYPE)  # what the rollout's last step returned
     with torch.no_grad():
@@ -125,7 +106,7 @@ def test_the_last_step_bootstraps_from_the_value_of_the_observation_after_it(ppo
 
 
 def test_adam_epsilon_is_1e_5(ppo):
-    ppo.train(tiny(ppo, total_timesteps=48, checkpoint_every=1))
+    ppo.train(tiny(ppo, LOOP, total_timesteps=48, checkpoint_every=1))
     groups = load("runs/tiny/checkpoint.pt")["optimizer"]["param_groups"]
     assert groups and all(g["eps"] == 1e-5 for g in groups)  # not torch's default 1e-8
 
@@ -142,7 +123,7 @@ def test_gradients_are_clipped_to_max_grad_norm_all_together(ppo):
 
     handle = register_optimizer_step_pre_hook(record)
     try:
-        ppo.train(tiny(ppo, total_timesteps=48, max_grad_norm=1e-3))
+        ppo.train(tiny(ppo, LOOP, total_timesteps=48, max_grad_norm=1e-3))
     finally:
         handle.remove()
     assert len(norms) == 2 * 2  # update_epochs x num_minibatches steps
@@ -150,7 +131,7 @@ def test_gradients_are_clipped_to_max_grad_norm_all_together(ppo):
 
 
 def test_the_learning_rate_decays_linearly_from_the_full_rate_to_zero(ppo):
-    ppo.train(tiny(ppo, total_timesteps=4 * 48, learning_rate=1e-3))
+    ppo.train(tiny(ppo, LOOP, total_timesteps=4 * 48, learning_rate=1e-3))
     np.testing.assert_allclose(logged("runs/tiny", "charts/learning_rate"), [1e-3, 0.75e-3, 0.5e-3, 0.25e-3], rtol=1e-6)
 
 
@@ -164,7 +145,7 @@ def updates_seen(ppo, monkeypatch, **kw) -> list[torch.Tensor]:
         return original(self, obs, action, *recurrent)
 
     monkeypatch.setattr(ppo.Agent, "get_action_and_value", record)
-    ppo.train(tiny(ppo, **kw))
+    ppo.train(tiny(ppo, LOOP, **kw))
     return seen
 
 
@@ -184,8 +165,8 @@ def test_each_epoch_shuffles_the_batch_into_minibatches_that_cover_it(ppo, monke
 
 
 def test_target_kl_stops_the_update_epochs_early(ppo):
-    ppo.train(tiny(ppo, run_name="all", update_epochs=3, learning_rate=1e-2))
-    ppo.train(tiny(ppo, run_name="early", update_epochs=3, learning_rate=1e-2, target_kl=1e-8))
+    ppo.train(tiny(ppo, LOOP, run_name="all", update_epochs=3, learning_rate=1e-2))
+    ppo.train(tiny(ppo, LOOP, run_name="early", update_epochs=3, learning_rate=1e-2, target_kl=1e-8))
     assert logged("runs/all", "losses/epochs") == [3, 3]
     assert logged("runs/early", "losses/epochs") == [1, 1]  # after one epoch the policy moved by more than 1e-8
 
@@ -198,6 +179,28 @@ CUT_ENV = {
     "ppo_continuous": "TestClockContinuous-v0",
     "ppo_atari": "TestBreakoutCut-v0",
 }
+
+
+def value_run(env_id: str) -> float:
+    """What the critic of ppo_discrete.py learns on a one-state env: the value of its observation 0."""
+    import ppo_discrete
+
+    args = ppo_discrete.Args(
+        env_id=env_id,
+        total_timesteps=24_576,
+        num_envs=4,
+        num_steps=32,
+        gamma=0.9,
+        learning_rate=3e-3,
+        anneal_lr=False,
+        clip_vloss=False,
+        norm_adv=False,
+        progress=False,
+        run_name=env_id,
+    )
+    agent = ppo_discrete.train(args)["agent"]
+    with torch.no_grad():
+        return agent.get_value(torch.zeros(1, 1)).item()
 
 
 @pytest.fixture(scope="module", params=SCRIPTS)
@@ -219,6 +222,7 @@ def cut_run(request, tmp_path_factory):
         steps = 32 if ppo.__name__ == "ppo_atari" else 40
         args = tiny(
             ppo,
+            LOOP,
             env_id=CUT_ENV[ppo.__name__],
             num_steps=steps,
             total_timesteps=3 * 3 * steps,
@@ -229,10 +233,24 @@ def cut_run(request, tmp_path_factory):
     return ppo, seen, trained, args
 
 
-def test_a_time_limit_bootstraps_from_the_final_observation_end_to_end(cut_run):
-    # At a cut (truncated, not terminated) the advantage is r + gamma * V(final observation) - V(s): the value of
-    # what the env returned at that step, not of the next episode's first observation.
+def test_a_time_limit_cut_bootstraps_from_its_final_observation(cut_run):
     ppo, seen, _, args = cut_run
+    # By hand: one env, an episode ending at step 2 of 5; the value after step 2 is that of the final observation.
+    g = 0.9
+    ones = torch.ones(5, 1, dtype=torch.float64)
+    v = torch.tensor([[0.5], [0.4], [0.3], [7.0], [0.2], [0.1]], dtype=torch.float64)
+    ended = torch.tensor([[0], [0], [1], [0], [0]], dtype=torch.float64)
+    cut = ppo.compute_gae(ones, v, torch.zeros_like(ended), ended, g, 1.0)
+    end = ppo.compute_gae(ones, v, ended, ended, g, 1.0)
+    # Truncated: 1 + g + g^2 + g^3 V(final obs) - V(s0). Terminated: 1 + g + g^2 - V(s0).
+    assert cut[0, 0].item() == pytest.approx(1 + g + g**2 + g**3 * 7.0 - 0.5)
+    assert end[0, 0].item() == pytest.approx(1 + g + g**2 - 0.5)
+    # Nothing flows back across the episode boundary: what follows step 2 is the same either way.
+    after = (1 + g * 0.2 - 7.0) + g * (1 + g * 0.1 - 0.2)
+    assert cut[3, 0].item() == pytest.approx(end[3, 0].item()) == pytest.approx(after)
+
+    # In a run, at every cut (truncated, not terminated) the advantage is r + gamma * V(final observation) - V(s):
+    # the value of what the env returned at that step, not of the next episode's first observation.
     checked = apart = 0
     for r, (rewards, values, terminations, dones, advantages, agent, gamma) in enumerate(seen["gae"]):
         for t, env in zip(*np.nonzero(dones.numpy())):
@@ -253,6 +271,12 @@ def test_a_time_limit_bootstraps_from_the_final_observation_end_to_end(cut_run):
             )
             checked += 1
     assert checked >= 3 and apart >= 1, (checked, apart)  # the test saw cuts, and could tell the two values apart
+
+    if ppo.__name__ == "ppo_discrete":
+        # What the critic learns: reward 1 forever, cut every 10 steps by a time limit. With bootstrapping the state
+        # is worth 1 / (1 - 0.9) = 10; treating the cut as the end would teach about 4.4 (the mean of 1..10-step
+        # returns).
+        assert value_run("TestTruncate-v0") == pytest.approx(10.0, abs=0.4)
 
 
 def test_the_step_that_only_resets_an_env_is_never_trained_on(cut_run):
@@ -275,38 +299,10 @@ def test_the_step_that_only_resets_an_env_is_never_trained_on(cut_run):
             assert collections.Counter(row for call in trained[start : start + per_epoch] for row in call) == expected
     assert resets >= 3  # the test saw reset steps to leave out
 
-
-def value_run(env_id):
-    import ppo_discrete
-
-    args = ppo_discrete.Args(
-        env_id=env_id,
-        total_timesteps=24_576,
-        num_envs=4,
-        num_steps=32,
-        gamma=0.9,
-        learning_rate=3e-3,
-        anneal_lr=False,
-        clip_vloss=False,
-        norm_adv=False,
-        progress=False,
-        run_name=env_id,
-    )
-    agent = ppo_discrete.train(args)["agent"]
-    with torch.no_grad():
-        return agent.get_value(torch.zeros(1, 1)).item()
-
-
-def test_truncated_episodes_bootstrap_from_the_final_observation():
-    # Reward 1 forever, cut every 10 steps by a time limit. With bootstrapping the state is worth 1 / (1 - 0.9) = 10;
-    # treating the cut as the end would teach about 4.4 (the mean of 1..10-step returns).
-    assert value_run("TestTruncate-v0") == pytest.approx(10.0, abs=0.4)
-
-
-def test_autoreset_steps_are_not_trained_on():
-    # Every episode is one step long and worth exactly 1. The vector env's reset steps (reward 0, same observation)
-    # would drag the value toward 0.5 * (1 + 0.9) = 0.95 if they were trained on.
-    assert value_run("TestTerminate-v0") == pytest.approx(1.0, abs=0.02)
+    if ppo.__name__ == "ppo_discrete":
+        # What the critic learns: every episode is one step long and worth exactly 1. The vector env's reset steps
+        # (reward 0, same observation) would drag the value toward 0.5 * (1 + 0.9) = 0.95 if they were trained on.
+        assert value_run("TestTerminate-v0") == pytest.approx(1.0, abs=0.02)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -330,7 +326,7 @@ def test_a_nan_loss_stops_the_run_without_the_bad_step(ppo, monkeypatch):
     )
     try:
         with pytest.raises(ppo.RunError, match="the loss became nan or infinite in update 1 "):
-            ppo.train(tiny(ppo, total_timesteps=96, checkpoint_every=1))
+            ppo.train(tiny(ppo, LOOP, total_timesteps=96, checkpoint_every=1))
     finally:
         handle.remove()
     state = agents[0].state_dict()
@@ -341,7 +337,7 @@ def test_a_nan_loss_stops_the_run_without_the_bad_step(ppo, monkeypatch):
 
 
 def test_same_seed_same_numbers(ppo):
-    a, b, c = (ppo.train(tiny(ppo, run_name=name, seed=seed)) for name, seed in (("a", 1), ("b", 1), ("c", 2)))
+    a, b, c = (ppo.train(tiny(ppo, LOOP, run_name=name, seed=seed)) for name, seed in (("a", 1), ("b", 1), ("c", 2)))
     assert same_params(a["agent"].state_dict(), b["agent"].state_dict())
     assert a["episodes"]["returns"] == b["episodes"]["returns"]
     assert not same_params(a["agent"].state_dict(), c["agent"].state_dict())
@@ -356,9 +352,9 @@ def test_compiled_and_eager_runs_agree(capsys):
 
     import ppo_continuous as ppo
 
-    eager = ppo.train(tiny(ppo, run_name="eager", total_timesteps=144))
+    eager = ppo.train(tiny(ppo, LOOP, run_name="eager", total_timesteps=144))
     with torch._inductor.config.patch(fallback_random=True):
-        compiled = ppo.train(tiny(ppo, run_name="compiled", total_timesteps=144, compile=True))
+        compiled = ppo.train(tiny(ppo, LOOP, run_name="compiled", total_timesteps=144, compile=True))
     for k, v in eager["agent"].state_dict().items():
         torch.testing.assert_close(compiled["agent"].state_dict()[k], v, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(logged("runs/compiled"), logged("runs/eager"), rtol=1e-5)

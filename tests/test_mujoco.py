@@ -13,20 +13,9 @@ import torch
 from gymnasium.wrappers.utils import RunningMeanStd
 
 import ppo_continuous as ppo
-from helpers import ROOT, ConstantEnv, box, load, same_params, spaces
+from helpers import ROOT, ConstantEnv, box, load, same_params, spaces, tiny
 
-
-def tiny(**kw) -> ppo.Args:
-    base = dict(
-        env_id="InvertedPendulum-v5",
-        total_timesteps=1024,
-        num_steps=256,
-        num_minibatches=4,
-        update_epochs=2,
-        progress=False,
-        run_name="tiny",
-    )
-    return ppo.Args(**{**base, **kw})
+RUN = dict(total_timesteps=1024, num_steps=256, num_minibatches=4, update_epochs=2)  # 4 updates, 4 minibatches each
 
 
 def cheetah(**options):
@@ -63,14 +52,14 @@ def test_the_stored_action_is_unclipped_and_the_env_gets_a_clipped_copy(monkeypa
             trained_on.append(action.detach().clone()) or original_evaluate(self, obs, action, *r)
         ),
     )
-    ppo.train(tiny(env_id="TestTerminateContinuous-v0", total_timesteps=256, num_envs=1))
+    ppo.train(tiny(ppo, RUN, env_id="TestTerminateContinuous-v0", total_timesteps=256, num_envs=1))
     sent, stored = np.concatenate(seen_by_env), torch.cat([a.flatten(0, -2) for a in trained_on])
     assert np.abs(sent).max() <= 1.0  # the env's bounds are [-1, 1]; the initial std is 1
     assert stored.abs().max() > 1.5  # so the sampled actions often fall outside them
 
 
 def test_unbounded_actions_are_explained_not_refused(capsys):
-    assert ppo.train(tiny(env_id="TestUnbounded-v0", total_timesteps=256))["global_step"] == 256
+    assert ppo.train(tiny(ppo, RUN, env_id="TestUnbounded-v0", total_timesteps=256))["global_step"] == 256
     assert "unbounded action dimensions" in capsys.readouterr().err
 
 
@@ -146,15 +135,52 @@ def test_the_discounted_return_restarts_at_every_episode_end(how):
     assert ppo.reward_normalizer(envs).return_rms.count == pytest.approx(len(real) + 1e-4)
 
 
+def test_the_return_statistics_take_only_the_envs_whose_step_is_a_transition():
+    # Two envs whose episodes end at different steps (2 and 3 steps, rewards 1, 2, 4): while one env only resets,
+    # the other takes a real step. The statistics take the discounted returns of the real steps alone, none of the
+    # resetting env's.
+    class Episodes(gym.Env):
+        observation_space = box(1)
+        action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+
+        def reset(self, *, seed=None, options=None):
+            if seed is not None:  # env i is seeded with i: 2-step episodes in env 0, 3-step ones in env 1
+                self.length = 2 + seed
+            self.t = 0
+            return np.zeros(1, np.float32), {}
+
+        def step(self, action):
+            self.t += 1
+            return np.zeros(1, np.float32), float(2 ** (self.t - 1)), self.t == self.length, False, {}
+
+    if "TestTwoLengths-v0" not in gym.registry:
+        gym.register("TestTwoLengths-v0", entry_point=Episodes)
+    envs = ppo.make_envs(ppo.Args(env_id="TestTwoLengths-v0", gamma=0.5, clip_reward=1e9, async_envs=False), 2)
+    envs.reset(seed=0)
+    for _ in range(12):  # env 0: 4 episodes and their reset steps; env 1: 3
+        envs.step(np.zeros((2, 1), np.float32))
+    # The returns by hand, gamma 0.5: 1, 0.5 * 1 + 2 = 2.5, then 0.5 * 2.5 + 4 = 5.25.
+    returns = np.array([1.0, 2.5] * 4 + [1.0, 2.5, 5.25] * 3)
+    # gymnasium's running statistics start at mean 0, variance 1, weight 1e-4; batches pool into one.
+    prior, n = 1e-4, len(returns)
+    count = prior + n
+    mean = returns.sum() / count
+    squares = prior + ((returns - returns.mean()) ** 2).sum() + returns.mean() ** 2 * prior * n / count
+    stats = ppo.reward_normalizer(envs).return_rms
+    assert stats.count == pytest.approx(count, rel=1e-12)
+    assert stats.mean == pytest.approx(mean, rel=1e-9)
+    assert stats.var == pytest.approx(squares / count, rel=1e-9)
+
+
 def test_normalization_statistics_are_part_of_the_saved_model(in_tmp_dir):
-    result = ppo.train(tiny(save_model=True))
+    result = ppo.train(tiny(ppo, RUN, save_model=True))
     saved = load("runs/tiny/agent.pt")["env_stats"]["obs_rms"]
     for k in ("mean", "var"):
         assert torch.equal(saved[k], result["env_stats"]["obs_rms"][k])
     assert saved["count"] == result["env_stats"]["obs_rms"]["count"] > 1000
     assert not torch.allclose(saved["var"], torch.ones_like(saved["var"]))
     # Evaluation uses them frozen: playing episodes does not move them.
-    envs = ppo.make_envs(tiny(), 1)
+    envs = ppo.make_envs(tiny(ppo, RUN), 1)
     ppo.load_env_stats(envs, {"obs_rms": saved})
     envs.reset(seed=0)
     for _ in range(50):
@@ -164,7 +190,7 @@ def test_normalization_statistics_are_part_of_the_saved_model(in_tmp_dir):
 
 
 def test_evaluation_normalizes_with_the_saved_statistics(in_tmp_dir, monkeypatch):
-    ppo.train(tiny(save_model=True))
+    ppo.train(tiny(ppo, RUN, save_model=True))
     saved = load("runs/tiny/agent.pt")["env_stats"]["obs_rms"]
     seen, act = [], ppo.Agent.act
     monkeypatch.setattr(ppo.Agent, "act", lambda self, obs, *a: seen.append(obs.clone()) or act(self, obs, *a))
@@ -179,10 +205,10 @@ def test_evaluation_normalizes_with_the_saved_statistics(in_tmp_dir, monkeypatch
 def test_resume_mid_episode_in_mujoco_is_exact(in_tmp_dir):
     # HalfCheetah episodes last 1000 steps, so the checkpoint falls mid-episode: the simulator's state, its random
     # generator and the normalization statistics must all come back.
-    kw = dict(env_id="HalfCheetah-v5", total_timesteps=2048, num_steps=256)
-    straight = ppo.train(tiny(run_name="straight", **kw))
-    ppo.train(tiny(run_name="cut", checkpoint_every=1, **kw), stop_at_step=1024)
-    resumed = ppo.train(tiny(resume="runs/cut/checkpoint.pt", **kw))
+    kw = dict(env_id="HalfCheetah-v5", total_timesteps=2048)
+    straight = ppo.train(tiny(ppo, RUN, run_name="straight", **kw))
+    ppo.train(tiny(ppo, RUN, run_name="cut", checkpoint_every=1, **kw), stop_at_step=1024)
+    resumed = ppo.train(tiny(ppo, RUN, resume="runs/cut/checkpoint.pt", **kw))
     assert resumed["global_step"] == 2048 and straight["episodes"]["returns"] == resumed["episodes"]["returns"]
     assert same_params(straight["agent"].state_dict(), resumed["agent"].state_dict())
     assert torch.equal(straight["env_stats"]["obs_rms"]["mean"], resumed["env_stats"]["obs_rms"]["mean"])
@@ -197,10 +223,6 @@ def test_egl_is_asked_for_only_where_libegl_exists():
     )
     out = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr[-2000:]
-
-
-def test_box2d_envs_run_out_of_the_box():
-    assert ppo.train(tiny(env_id="BipedalWalker-v3", total_timesteps=256))["global_step"] == 256
 
 
 def test_the_policy_loss_moves_the_state_independent_log_std():

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import CueEnv, assert_bad_input, box, load, same_params, spaces, tiny_args
+from helpers import CueEnv, assert_bad_input, box, load, same_params, spaces, tiny
 
 HIDDEN = 8  # units: enough for a state that remembers, small enough for fast runs
 
 
 def lstm_args(ppo, **kw):
-    return tiny_args(ppo, lstm=True, lstm_hidden_size=HIDDEN, **kw)
+    return tiny(ppo, lstm=True, lstm_hidden_size=HIDDEN, **kw)
 
 
 def cue_run(ppo, monkeypatch, **kw):
@@ -72,7 +72,7 @@ def test_the_state_starts_at_zero_in_training_evaluation_and_a_resume_with_new_e
     # saved one, which belongs to the episodes that are gone.
     steps = spy_recur(ppo, monkeypatch)
     kw = dict(env_id="Acrobot-v1") if ppo.__name__ == "ppo_discrete" else {}  # CartPole's own vector env pickles whole
-    batch = tiny_args(ppo).batch_size
+    batch = tiny(ppo).batch_size
     ppo.train(
         lstm_args(ppo, checkpoint_every=1, total_timesteps=3 * batch, save_model=True, **kw), stop_at_step=2 * batch
     )
@@ -232,7 +232,7 @@ def test_minibatches_that_fit_no_whole_sequences_are_refused_in_one_line(capsys)
 # What keeps working with --lstm
 # ----------------------------------------------------------------------------------------------------
 def test_a_resumed_lstm_run_ends_exactly_as_an_uninterrupted_one(ppo):
-    batch = tiny_args(ppo).batch_size
+    batch = tiny(ppo).batch_size
     straight = ppo.train(lstm_args(ppo, run_name="straight", total_timesteps=4 * batch))
     ppo.train(lstm_args(ppo, checkpoint_every=1, total_timesteps=4 * batch), stop_at_step=2 * batch)
     assert load("runs/tiny/checkpoint.pt")["ranks"][0]["carried"][2].abs().sum() > 0.1  # a state to carry over

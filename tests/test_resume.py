@@ -24,15 +24,15 @@ from helpers import (
     run_script,
     same_params,
     start_script,
-    tiny_args,
+    tiny,
     tiny_argv,
 )
 
 
 def checkpointed(ppo, updates=2, of=4, **kw) -> str:
     """A tiny run of `of` updates stopped after `updates`, with a checkpoint after each; the checkpoint's path."""
-    batch = tiny_args(ppo).batch_size
-    ppo.train(tiny_args(ppo, checkpoint_every=1, total_timesteps=of * batch, **kw), stop_at_step=updates * batch)
+    batch = tiny(ppo).batch_size
+    ppo.train(tiny(ppo, checkpoint_every=1, total_timesteps=of * batch, **kw), stop_at_step=updates * batch)
     return "runs/tiny/checkpoint.pt"
 
 
@@ -47,11 +47,13 @@ def wait_for(pattern: str, timeout: float = 120) -> None:
 # Exact resume, and what a resume may change
 # ----------------------------------------------------------------------------------------------------
 def test_a_resumed_run_ends_exactly_as_an_uninterrupted_one(ppo):
-    total = 4 * tiny_args(ppo).batch_size
-    straight = ppo.train(tiny_args(ppo, run_name="straight", total_timesteps=total))
+    # The checkpoint falls mid-episode (in ppo_atari.py mid-game): the env's state comes back with the random
+    # generators (the emulator's, which drives sticky actions, and the no-ops').
+    total = 4 * tiny(ppo).batch_size
+    straight = ppo.train(tiny(ppo, run_name="straight", total_timesteps=total))
     path = checkpointed(ppo)
     assert load(path)["iteration"] == 2
-    resumed = ppo.train(tiny_args(ppo, total_timesteps=total, resume=path))
+    resumed = ppo.train(tiny(ppo, total_timesteps=total, resume=path))
     assert resumed["global_step"] == total and straight["episodes"]["returns"] == resumed["episodes"]["returns"]
     assert same_params(straight["agent"].state_dict(), resumed["agent"].state_dict())
 
@@ -62,9 +64,7 @@ def test_resume_takes_the_checkpoint_s_options_in_either_form(ppo, form, monkeyp
     seen = []
     monkeypatch.setattr(ppo, "train", lambda args: seen.append(args) or {"interrupted": False})
     assert ppo.main((["--resume", path] if form == "--resume PATH" else [f"--resume={path}"]) + ["--seed", "7"]) == 0
-    assert (
-        seen[0].learning_rate == 1e-3 and seen[0].total_timesteps == 4 * tiny_args(ppo).batch_size
-    )  # the checkpoint's
+    assert seen[0].learning_rate == 1e-3 and seen[0].total_timesteps == 4 * tiny(ppo).batch_size  # the checkpoint's
     assert seen[0].seed == 7  # what was given again
 
 
@@ -87,7 +87,7 @@ def test_resume_refuses_an_option_that_changes_the_run(ppo, option, value, named
 
 
 def test_resume_allows_what_only_watches_the_run_and_a_longer_budget(ppo, capsys):
-    path, batch = checkpointed(ppo), tiny_args(ppo).batch_size
+    path, batch = checkpointed(ppo), tiny(ppo).batch_size
     assert_bad_input(ppo.main, ["--resume", path, "--total-timesteps", str(batch)], "is less than the", capsys)
     assert (
         ppo.main(
@@ -117,7 +117,7 @@ def test_files_that_are_not_this_script_s_checkpoints_are_refused(ppo, capsys):
     assert_bad_input(ppo.main, ["--eval-checkpoint", "garbage.pt"], "cannot be read as a file of", capsys)
     torch.save({"model": {}}, "no_args.pt")
     assert_bad_input(ppo.main, ["--resume", "no_args.pt"], "is not a file written by", capsys)
-    ppo.train(tiny_args(ppo, run_name="agent", save_model=True))
+    ppo.train(tiny(ppo, run_name="agent", save_model=True))
     assert_bad_input(ppo.main, ["--resume", "runs/agent/agent.pt"], "is a saved agent, not a checkpoint", capsys)
     for key, value, expected in (
         ("family", "other", "holds a other agent"),
@@ -132,8 +132,8 @@ def test_envs_that_cannot_be_saved_resume_with_new_episodes(ppo, monkeypatch):
     monkeypatch.setattr(ppo, "env_state", lambda env: (_ for _ in ()).throw(TypeError("cannot pickle a handle")))
     kw = dict(env_id="Acrobot-v1") if ppo.__name__ == "ppo_discrete" else {}  # CartPole's own vector env pickles whole
     path = checkpointed(ppo, **kw)
-    resumed = ppo.train(tiny_args(ppo, total_timesteps=4 * tiny_args(ppo).batch_size, resume=path, **kw))
-    assert resumed["global_step"] == 4 * tiny_args(ppo).batch_size
+    resumed = ppo.train(tiny(ppo, total_timesteps=4 * tiny(ppo).batch_size, resume=path, **kw))
+    assert resumed["global_step"] == 4 * tiny(ppo).batch_size
     if ppo.__name__ == "ppo_continuous":  # the normalization goes on from the saved statistics
         assert resumed["env_stats"]["obs_rms"]["count"] > load(path)["env_stats"]["obs_rms"]["count"] > 1
         assert len(ppo.evaluate(path, episodes=1)[0]) == 1  # evaluation reads them from the checkpoint too
@@ -149,18 +149,16 @@ def test_async_envs_play_the_same_episodes_and_resume_exactly(ppo):
         "ppo_atari": "TestBreakoutCut-v0",
     }[ppo.__name__]
     kw = dict(env_id=env_id, num_envs=2, num_steps=5, total_timesteps=40, num_minibatches=2)
-    inline = ppo.train(tiny_args(ppo, run_name="inline", async_envs=False, **kw))
-    straight = ppo.train(tiny_args(ppo, run_name="async", async_envs=True, **kw))
+    inline = ppo.train(tiny(ppo, run_name="inline", async_envs=False, **kw))
+    straight = ppo.train(tiny(ppo, run_name="async", async_envs=True, **kw))
     assert same_params(inline["agent"].state_dict(), straight["agent"].state_dict())
     assert inline["episodes"]["returns"] == straight["episodes"]["returns"]
-    ppo.train(tiny_args(ppo, run_name="cut", async_envs=True, checkpoint_every=2, **kw), stop_at_step=20)
+    ppo.train(tiny(ppo, run_name="cut", async_envs=True, checkpoint_every=2, **kw), stop_at_step=20)
     shutil.copytree("runs/cut", "cut")
     for async_envs in (True, False):  # how the envs are stepped does not change the run
         shutil.rmtree("runs/cut")
         shutil.copytree("cut", "runs/cut")  # the stopped run again: a finished one is never resumed
-        resumed = ppo.train(
-            tiny_args(ppo, run_name="cut", async_envs=async_envs, resume="runs/cut/checkpoint.pt", **kw)
-        )
+        resumed = ppo.train(tiny(ppo, run_name="cut", async_envs=async_envs, resume="runs/cut/checkpoint.pt", **kw))
         assert same_params(straight["agent"].state_dict(), resumed["agent"].state_dict())
         assert straight["episodes"]["returns"] == resumed["episodes"]["returns"]
 
@@ -188,21 +186,19 @@ def test_a_checkpoint_every_few_minutes_by_default(ppo, monkeypatch):
     clock, gae = [1000.0], ppo.compute_gae
     monkeypatch.setattr(ppo.time, "time", lambda: clock[0])
     monkeypatch.setattr(ppo, "compute_gae", lambda *a, **kw: clock.__setitem__(0, clock[0] + 660) or gae(*a, **kw))
-    args = tiny_args(ppo, total_timesteps=3 * tiny_args(ppo).batch_size)
+    args = tiny(ppo, total_timesteps=3 * tiny(ppo).batch_size)
     ppo.train(args, stop_at_step=2 * args.batch_size)  # 11 minutes per update
     assert load("runs/tiny/checkpoint.pt")["iteration"] == 2
-    ppo.train(tiny_args(ppo, run_name="off", checkpoint_minutes=0))
+    ppo.train(tiny(ppo, run_name="off", checkpoint_minutes=0))
     assert not os.path.exists("runs/off/checkpoint.pt")
 
 
 def test_tensorboard_after_a_crash_and_a_resume_has_every_update_once(ppo):
-    args = tiny_args(ppo, total_timesteps=8 * tiny_args(ppo).batch_size, checkpoint_every=3)
+    args = tiny(ppo, total_timesteps=8 * tiny(ppo).batch_size, checkpoint_every=3)
     steps = [args.batch_size * i for i in range(1, 9)]
     ppo.train(args, stop_at_step=5 * args.batch_size)  # stopped after update 5; the last checkpoint was update 3's
     assert logged("runs/tiny", steps=True) == steps[:5]
-    ppo.train(
-        tiny_args(ppo, total_timesteps=args.total_timesteps, checkpoint_every=3, resume="runs/tiny/checkpoint.pt")
-    )
+    ppo.train(tiny(ppo, total_timesteps=args.total_timesteps, checkpoint_every=3, resume="runs/tiny/checkpoint.pt"))
     assert logged("runs/tiny", steps=True) == steps  # no gap, no step twice
 
 
@@ -211,7 +207,7 @@ def test_track_resumes_the_same_wandb_run():
 
     path = checkpointed(ppo_discrete, track=True)
     wandb_id = load(path)["wandb_id"]
-    ppo_discrete.train(tiny_args(ppo_discrete, track=True, total_timesteps=4 * 128, resume=path))
+    ppo_discrete.train(tiny(ppo_discrete, track=True, total_timesteps=4 * 128, resume=path))
     runs = sorted(glob.glob("wandb/offline-run-*"))
     assert wandb_id and len(runs) == 2 and all(f"-{wandb_id}" in r for r in runs)
 
@@ -297,7 +293,7 @@ def test_a_signal_in_the_last_update_lets_the_run_finish_and_one_after_it_change
     monkeypatch.setattr(
         ppo.Run, "finish", lambda self, error: signal.raise_signal(signal.SIGTERM) or finish(self, error)
     )
-    assert ppo.main(tiny_argv(ppo, total_timesteps=2 * tiny_args(ppo).batch_size, save_model=True)) == 0
+    assert ppo.main(tiny_argv(ppo, total_timesteps=2 * tiny(ppo).batch_size, save_model=True)) == 0
     assert os.path.isfile("runs/tiny/agent.pt") and json.load(open("runs/tiny/summary.json"))["finished"] is True
 
 
@@ -305,7 +301,7 @@ def test_ctrl_c_in_the_update_that_ends_the_run_early_still_checkpoints(ppo, mon
     monkeypatch.setattr(ppo, "CATCH_SIGNALS", True)  # as under __main__
     gae = ppo.compute_gae
     monkeypatch.setattr(ppo, "compute_gae", lambda *a, **kw: signal.raise_signal(signal.SIGINT) or gae(*a, **kw))
-    result = ppo.train(tiny_args(ppo), stop_at_step=tiny_args(ppo).batch_size)
+    result = ppo.train(tiny(ppo), stop_at_step=tiny(ppo).batch_size)
     assert result["interrupted"] and os.path.isfile("runs/tiny/checkpoint.pt")
 
 

@@ -3,6 +3,7 @@ logs and closing line, its own folder, evaluation of a saved agent, your own env
 files that run no code when they are read."""
 
 import glob
+import importlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import pytest
 import torch
 import tyro
 
-from helpers import ROOT, SCRIPTS, assert_bad_input, load, logged, run_script, start_script, tiny_args, tiny_argv
+from helpers import ROOT, SCRIPTS, assert_bad_input, load, logged, run_script, start_script, tiny, tiny_argv
 
 
 def doc_section(path: str, heading: str) -> str:
@@ -249,7 +250,7 @@ TAGS = [
 
 
 def test_a_run_writes_its_logs_results_and_agent(ppo):
-    args = tiny_args(ppo, save_model=True, total_timesteps=4 * tiny_args(ppo).batch_size)
+    args = tiny(ppo, save_model=True, total_timesteps=4 * tiny(ppo).batch_size)
     result = ppo.train(args)
     folder = result["run_dir"]
     assert folder == "runs/tiny" and len(glob.glob(f"{folder}/events.out.tfevents.*")) == 1
@@ -269,11 +270,9 @@ def test_a_run_writes_its_logs_results_and_agent(ppo):
 
 
 def test_a_run_ends_with_one_line_saying_what_it_did_and_where_its_files_are(ppo):
-    out = run_script(
-        f"{ppo.__name__}.py", *tiny_argv(ppo, total_timesteps=2 * tiny_args(ppo).batch_size, progress=True)
-    )
+    out = run_script(f"{ppo.__name__}.py", *tiny_argv(ppo, total_timesteps=2 * tiny(ppo).batch_size, progress=True))
     assert out.returncode == 0, out.stderr
-    total = 2 * tiny_args(ppo).batch_size
+    total = 2 * tiny(ppo).batch_size
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"finished: {total:,} of {total:,} steps in "), last
     assert "steps/s), " in last and last.endswith("files in runs/tiny (tensorboard --logdir runs)")
@@ -331,7 +330,7 @@ def test_a_copy_of_a_script_names_its_runs_after_itself(in_tmp_dir):
 # Evaluation of a saved agent
 # ----------------------------------------------------------------------------------------------------
 def test_evaluation_plays_on_seeds_apart_from_training_and_can_be_deterministic(ppo, monkeypatch, capsys):
-    ppo.train(tiny_args(ppo, save_model=True, seed=3))
+    ppo.train(tiny(ppo, save_model=True, seed=3))
     seeds, modes = [], []
     reset, act = gym.wrappers.vector.RecordEpisodeStatistics.reset, ppo.Agent.act
     monkeypatch.setattr(
@@ -370,7 +369,7 @@ def test_evaluation_plays_on_seeds_apart_from_training_and_can_be_deterministic(
 def test_evaluation_from_the_command_line_and_of_a_checkpoint(in_tmp_dir):
     import ppo_discrete
 
-    ppo_discrete.train(tiny_args(ppo_discrete, checkpoint_every=1, save_model=True))
+    ppo_discrete.train(tiny(ppo_discrete, checkpoint_every=1, save_model=True))
     for path in ("runs/tiny/agent.pt", "runs/tiny/checkpoint.pt"):
         out = run_script("ppo_discrete.py", "--eval-checkpoint", path, "--eval-episodes", "3")
         assert out.returncode == 0 and re.match(r"3 episodes \(.*\): return [\d.]+ \+- [\d.]+ \(min ", out.stdout), out
@@ -384,7 +383,7 @@ def test_evaluating_an_agent_of_an_env_whose_module_is_gone_is_one_line(in_tmp_d
             "Corridor-v0", "GoneCorridor-v0"
         )
     )
-    ppo_discrete.train(tiny_args(ppo_discrete, env_id="gone:GoneCorridor-v0", save_model=True))
+    ppo_discrete.train(tiny(ppo_discrete, env_id="gone:GoneCorridor-v0", save_model=True))
     os.remove("gone.py")
     del __import__("sys").modules["gone"]
     gym.registry.pop("GoneCorridor-v0")
@@ -419,12 +418,18 @@ def test_atari_accepts_a_module_that_registers_an_ale_game(in_tmp_dir):
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.parametrize("script, env_id", [("ppo_discrete", "LunarLander-v3"), ("ppo_continuous", "BipedalWalker-v3")])
+def test_box2d_envs_run_out_of_the_box(script, env_id):
+    ppo = importlib.import_module(script)
+    assert ppo.train(tiny(ppo, env_id=env_id, total_timesteps=256, update_epochs=2))["global_step"] == 256
+
+
 # ----------------------------------------------------------------------------------------------------
 # Video, wandb, health warnings
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("lstm", [False, True])
 def test_capture_video(ppo, lstm, capfd):
-    ppo.train(tiny_args(ppo, capture_video=True, lstm=lstm, total_timesteps=2 * tiny_args(ppo).batch_size))
+    ppo.train(tiny(ppo, capture_video=True, lstm=lstm, total_timesteps=2 * tiny(ppo).batch_size))
     videos = glob.glob("videos/tiny/*.mp4")
     assert videos or (ppo.__name__ == "ppo_continuous" and "training goes on without video" in capfd.readouterr().err)
 
@@ -497,7 +502,7 @@ def saved_run(in_tmp_dir):
     import ppo_discrete
 
     # Stopped after 3 of its 4 updates: its checkpoint continues an unfinished run.
-    args = tiny_args(ppo_discrete, checkpoint_every=1, save_model=True)
+    args = tiny(ppo_discrete, checkpoint_every=1, save_model=True)
     ppo_discrete.train(args, stop_at_step=3 * args.batch_size)
     return ppo_discrete
 

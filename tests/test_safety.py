@@ -14,12 +14,12 @@ import time
 
 import torch
 
-from helpers import ROOT, assert_bad_input, load, run_script, start_script, tiny_args, tiny_argv
+from helpers import ROOT, assert_bad_input, load, run_script, start_script, tiny, tiny_argv
 
 
 def stopped_run(ppo, name="a", updates=2):
     """A run stopped after `updates` of its 4 updates, with a checkpoint: it has not finished."""
-    args = tiny_args(ppo, run_name=name, checkpoint_every=1, save_model=True)
+    args = tiny(ppo, run_name=name, checkpoint_every=1, save_model=True)
     ppo.train(args, stop_at_step=updates * args.batch_size)
     return f"runs/{name}/checkpoint.pt"
 
@@ -77,7 +77,7 @@ def test_a_second_process_is_refused_while_the_first_holds_the_folder(capsys):
 def test_two_resumes_started_together_one_is_refused_and_a_killed_run_frees_its_folder(in_tmp_dir):
     import ppo_discrete
 
-    args = tiny_args(ppo_discrete, run_name="a", checkpoint_every=1, total_timesteps=10**7, num_steps=64)
+    args = tiny(ppo_discrete, run_name="a", checkpoint_every=1, total_timesteps=10**7, num_steps=64)
     ppo_discrete.train(args, stop_at_step=args.batch_size)
     first = start_script("ppo_discrete.py", "--resume", "runs/a/checkpoint.pt", "--no-progress")
     deadline = time.time() + 60
@@ -144,7 +144,7 @@ def test_the_closing_line_offers_no_checkpoint_that_was_not_written(capsys, monk
 def test_a_name_taken_by_a_run_without_checkpoint_offers_no_resume(capsys):
     import ppo_discrete
 
-    ppo_discrete.train(tiny_args(ppo_discrete))
+    ppo_discrete.train(tiny(ppo_discrete))
     assert_bad_input(ppo_discrete.main, tiny_argv(ppo_discrete), "runs/tiny holds another run", capsys)
     ppo_discrete.main(tiny_argv(ppo_discrete))
     assert "--resume" not in capsys.readouterr().err
@@ -169,7 +169,7 @@ def test_a_folder_left_empty_is_taken_over_and_a_signal_before_training_leaves_n
 # A shared agent.pt steers nothing
 # ----------------------------------------------------------------------------------------------------
 def saved_agent(ppo, **changes) -> str:
-    ppo.train(tiny_args(ppo, save_model=True))
+    ppo.train(tiny(ppo, save_model=True))
     data = load("runs/tiny/agent.pt")
     data["args"].update(changes)
     torch.save(data, "shared.pt")
