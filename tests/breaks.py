@@ -228,6 +228,17 @@ BREAKS = {
             )
         ]
     },
+    "files written on a GPU load on a machine without one": {
+        "edits": [('torch.load(path, map_location="cpu", weights_only=True)', "torch.load(path, weights_only=True)")]
+    },
+    "no host sync per minibatch": {
+        "edits": [
+            (
+                "grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)",
+                "grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm, error_if_nonfinite=True)",
+            )
+        ]
+    },
     "a run folder belongs to one run": {"edits": [("if not resuming and os.listdir(folder):", "if False:")]},
     "a crash keeps what was learned": {"edits": [("self.checkpoint(after_crash=True)", "pass")]},
     "disk faults in one line": {"edits": [("            os.remove(tmp)", "            pass")]},

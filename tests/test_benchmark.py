@@ -18,6 +18,7 @@ import common  # noqa: E402
 import masking_ablation  # noqa: E402
 import returns  # noqa: E402
 import returns_report as report  # noqa: E402
+import speed_modes  # noqa: E402
 
 TINY = ["--envs", "CartPole-v1", "--total-timesteps", "1024", "--jobs", "1"]
 
@@ -261,3 +262,29 @@ def test_returns_benchmark_refuses_bad_input(tmp_path, capsys):
     json.dump({"total_timesteps": 1024}, open(tmp_path / "classic" / "suite.json", "w"))
     refused(["classic", "--total-timesteps", "2048"], "holds runs of 1,024 steps, not 2,048")
     refused(["classic", "--report-only"], "holds no runs yet", out=str(tmp_path / "empty"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The GPU speed table
+# ----------------------------------------------------------------------------------------------------
+def test_the_gpu_table_is_written_a_row_at_a_time_and_stops_starting_runs_at_its_time_limit(tmp_path, monkeypatch):
+    # Each run is faked: the first measures, the second fails, the third uses up the time; what follows is not run.
+    rows, clock, table = speed_modes.gpu_rows(), [0.0], tmp_path / "table.md"
+    seen = []
+
+    def measure(script, steps, flags, timeout=None):
+        seen.append((flags, timeout, table.read_text().count("\n")))
+        clock[0] += 30 if len(seen) < 3 else 1000
+        return {"sps": 1234.5, "steady": None} if len(seen) != 2 else {"error": "error: it broke"}
+
+    monkeypatch.setattr(speed_modes, "measure", measure)
+    monkeypatch.setattr(speed_modes.time, "time", lambda: clock[0])
+    assert speed_modes.main(speed_modes.Bench(cuda=True, minutes=4, out=str(tmp_path))) == 0
+    assert len(seen) == 3 and seen[0][1] == 240 and seen[1][1] == 210  # each run stopped by the time left
+    assert seen[1][2] == seen[0][2] + 1 and seen[2][2] == seen[1][2] + 1  # the row before each run is on disk
+    lines = table.read_text().splitlines()
+    assert lines[-len(rows) :][0] == "| BreakoutNoFrameskip-v4 | `--cuda --env-backend gymnasium` | 4,096 | 1,234 | - |"
+    assert "| error: it broke | - |" in lines[-len(rows) + 1]
+    assert all("not run (--minutes)" in line for line in lines[-len(rows) + 3 :])
+    assert any("--compile" in flags for _, _, flags in rows) and any("--lstm" in flags for _, _, flags in rows)
+    assert {env for env, _, _ in rows} == {"BreakoutNoFrameskip-v4", "CartPole-v1", "HalfCheetah-v5"}
