@@ -240,6 +240,33 @@ BREAKS = {
         ]
     },
     "a run folder belongs to one run": {"edits": [("if not resuming and os.listdir(folder):", "if False:")]},
+    "a finished run is never written again": {
+        "edits": [('if has_finished(os.path.join("runs", saved.run_name)):', "if False:")]
+    },
+    "a resume goes on in its own folder": {"edits": [("if args.run_name != saved.run_name:", "if False:")]},
+    "one live process per run folder": {"edits": [("fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)", "pass")]},
+    "messages offer only what is on disk": {
+        "edits": [
+            (
+                "            write_file(\n                path,",
+                "            self.checkpoint_path = path\n            write_file(\n                path,",
+            ),
+            ("if os.path.isfile(checkpoint) and not has_finished(folder):", "if True:"),
+        ]
+    },
+    "a shared file imports no module it names": {
+        "edits": [('if ":" in saved.env_id and env_id is None:', "if False:")]
+    },
+    "a shared file's options are checked before they build anything": {
+        "edits": [
+            ('    check_shapes(shell, data["model"], what)\n', "\n"),
+            ("if name in hints and not of_type(value, hints[name]):", "if False:"),
+        ]
+    },
+    "the log writer's disk fault in one line, once": {
+        "edits": [("            threading.excepthook = quiet_log_thread\n", "\n")]
+    },
+    "signals caught by a command-line run only": {"edits": [("CATCH_SIGNALS = False\n", "CATCH_SIGNALS = True\n")]},
     "a crash keeps what was learned": {"edits": [("self.checkpoint(after_crash=True)", "pass")]},
     "disk faults in one line": {"edits": [("            os.remove(tmp)", "            pass")]},
     "the env is blamed when it is at fault": {"edits": [("        if fault:", "        if False:")]},

@@ -194,7 +194,7 @@ def test_a_shared_agent_imports_no_module_it_names(in_tmp_dir, capsys):
 def test_a_shared_agent_s_options_are_checked_before_its_network_is_built(capsys, monkeypatch):
     import ppo_discrete
 
-    path = saved_agent(ppo_discrete, lstm=True, lstm_hidden_size=6000)
+    path = saved_agent(ppo_discrete, lstm=True, lstm_hidden_size=2000)
     built = []
     real_init = ppo_discrete.Agent.__init__
 
@@ -203,9 +203,9 @@ def test_a_shared_agent_s_options_are_checked_before_its_network_is_built(capsys
         real_init(self, envs, lstm_size)
 
     monkeypatch.setattr(ppo_discrete.Agent, "__init__", recording)
-    expected = "does not fit the network its options describe (lstm.bias_hh_l0: None in the file, (24000,) by its"
+    expected = "does not fit the network its options describe (lstm.bias_hh_l0: None in the file, (8000,) by its"
     assert_bad_input(ppo_discrete.main, ["--eval-checkpoint", path], expected, capsys)
-    assert built == [(6000, "meta")]  # the network was described, never allocated
+    assert built == [(2000, "meta")]  # the network was described, never allocated
 
 
 def test_files_with_options_of_the_wrong_type_or_missing_parts_are_one_line(capsys):
