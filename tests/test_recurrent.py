@@ -20,6 +20,13 @@ def lstm_args(ppo, **kw):
     return tiny_args(ppo, lstm=True, lstm_hidden_size=HIDDEN, **kw)
 
 
+def small_envs(ppo):
+    """The spaces of a small env of the script's family: one 84x84 frame (Atari), or 5 numbers."""
+    if ppo.__name__ == "ppo_atari":
+        return spaces(gym.spaces.Box(0, 255, (1, 84, 84), np.uint8), gym.spaces.Discrete(4))
+    return spaces(box(5), gym.spaces.Discrete(3) if ppo.__name__ == "ppo_discrete" else box(2))
+
+
 def cue_run(ppo, monkeypatch, lives=1, **kw):
     """Args of a run on CueEnv (3-step episodes, two envs that differ only in their first episode's cue); Atari gets
     it as frames, through make_env, with that many lives in each game."""
@@ -57,11 +64,7 @@ def spy_recur(ppo, monkeypatch, replays=None) -> list:
 # ----------------------------------------------------------------------------------------------------
 def test_lstm_weights_are_orthogonal_and_biases_zero(ppo):
     torch.manual_seed(0)
-    envs = (
-        spaces(gym.spaces.Box(0, 255, (1, 84, 84), np.uint8), gym.spaces.Discrete(4))
-        if ppo.__name__ == "ppo_atari"
-        else spaces(box(5), gym.spaces.Discrete(3) if ppo.__name__ == "ppo_discrete" else box(2))
-    )
+    envs = small_envs(ppo)
     agent = ppo.Agent(envs, HIDDEN)
     assert agent.state_size == 2 * HIDDEN and ppo.Agent(envs).state_size == 0 and ppo.Agent(envs).lstm is None
     for name, param in agent.lstm.named_parameters():
@@ -102,12 +105,7 @@ def test_the_lstm_learns_from_the_policy_loss_alone_but_in_atari(ppo):
     # reference's ppo_atari_lstm.py: the value loss trains the LSTM (and the CNN) too.
     torch.manual_seed(0)
     atari = ppo.__name__ == "ppo_atari"
-    envs = (
-        spaces(gym.spaces.Box(0, 255, (1, 84, 84), np.uint8), gym.spaces.Discrete(4))
-        if atari
-        else spaces(box(5), gym.spaces.Discrete(3) if ppo.__name__ == "ppo_discrete" else box(2))
-    )
-    agent = ppo.Agent(envs, HIDDEN)
+    agent = ppo.Agent(small_envs(ppo), HIDDEN)
     obs = torch.randint(0, 256, (6, 3, 1, 84, 84), dtype=torch.uint8) if atari else torch.randn(6, 3, 5)
     state, goes_on = torch.randn(3, 2 * HIDDEN), torch.ones(6, 3, dtype=torch.bool)
     for part in ("policy", "value"):
@@ -179,13 +177,15 @@ def test_no_state_crosses_a_lost_life_in_atari(monkeypatch, device):
         assert not steps[4][0].any()  # the state after the step that lost the life
 
 
-def test_recur_over_a_sequence_is_the_same_as_step_by_step(ppo):
+@pytest.mark.parametrize("device", DEVICES)
+def test_recur_over_a_sequence_is_the_same_as_step_by_step(ppo, device):
     # The update replays a whole sequence in one call per stretch between episode ends; the rollout goes step by step.
+    # On a GPU the whole LSTM (cuDNN's) would run in TF32, the step in float32: about 1e-3 apart.
     torch.manual_seed(0)
-    lstm = ppo.lstm_init(torch.nn.LSTM(3, HIDDEN))
-    x, goes_on = torch.randn(12, 4, 3), torch.rand(12, 4) > 0.2
+    lstm = ppo.lstm_init(torch.nn.LSTM(3, HIDDEN)).to(device)
+    x, goes_on = torch.randn(12, 4, 3, device=device), torch.rand(12, 4) > 0.2
     goes_on[5] = False  # every env ends an episode at once
-    state = torch.randn(4, 2 * HIDDEN)
+    state = torch.randn(4, 2 * HIDDEN, device=device)
     out, last = ppo.recur(lstm, x, state, goes_on)
     outs, s = [], state
     for t in range(12):
@@ -193,6 +193,22 @@ def test_recur_over_a_sequence_is_the_same_as_step_by_step(ppo):
         outs.append(o)
     torch.testing.assert_close(out, torch.stack(outs), atol=1e-6, rtol=0)
     torch.testing.assert_close(last, s, atol=1e-6, rtol=0)
+
+
+def test_a_sequence_without_goes_on_has_no_episode_end(ppo):
+    # goes_on defaults to True in the agent: for one step and for a whole sequence alike, no episode ends anywhere.
+    torch.manual_seed(0)
+    lstm = ppo.lstm_init(torch.nn.LSTM(5, HIDDEN))
+    x, state = torch.randn(10, 3, 5), torch.randn(3, 2 * HIDDEN)
+    for given, every in ((x, torch.ones(10, 3, dtype=torch.bool)), (x[0], np.ones(3, bool))):
+        out, last = ppo.recur(lstm, given, state, True)
+        expected_out, expected_last = ppo.recur(lstm, given, state, every)
+        assert torch.equal(out, expected_out) and torch.equal(last, expected_last)
+    agent = ppo.Agent(small_envs(ppo), HIDDEN)
+    obs = torch.randint(0, 256, (10, 3, 1, 84, 84), dtype=torch.uint8) if ppo.__name__ == "ppo_atari" else x
+    action, logp, _, value, last = agent.get_action_and_value(obs, None, state, torch.ones(10, 3, dtype=torch.bool))
+    _, logp_default, _, value_default, last_default = agent.get_action_and_value(obs, action, state)
+    assert torch.equal(logp_default, logp) and torch.equal(value_default, value) and torch.equal(last_default, last)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,7 +242,8 @@ def test_the_feedforward_minibatches_are_shuffled_transitions(ppo):
     assert all(torch.equal(a, b) for a, b in zip(mbs, torch.tensor_split(b_inds[torch.randperm(7)], 3)))
 
 
-def test_the_replay_before_the_first_step_gives_the_rollout_s_log_probs_and_values(ppo, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_replay_before_the_first_step_gives_the_rollout_s_log_probs_and_values(ppo, monkeypatch, device):
     # The first minibatch of each update is learned from before any optimizer step: its replayed sequences, started
     # from the rollout's states at their first steps (mid-rollout where an env's rollout is cut into chunks), with
     # their resets, must give exactly what the rollout's policy gave. Three updates: the later ones start from a
@@ -242,7 +259,7 @@ def test_the_replay_before_the_first_step_gives_the_rollout_s_log_probs_and_valu
 
     monkeypatch.setattr(ppo, "ppo_loss", spy)
     kw = {} if ppo.__name__ == "ppo_continuous" else dict(num_envs=2)  # 2 envs or 1: each rollout cut in 2 or 4
-    args = lstm_args(ppo, num_minibatches=num_minibatches, update_epochs=epochs, **kw)
+    args = lstm_args(ppo, num_minibatches=num_minibatches, update_epochs=epochs, cuda=device == "cuda", **kw)
     ppo.train(dataclasses.replace(args, total_timesteps=3 * args.batch_size))
     assert len(firsts) == 3
     for logratio, value in firsts:
