@@ -121,7 +121,7 @@ BREAKS = {
         ]
     },
     "the states rebuilt in the update": {
-        "edits": [("b_states[mb[0]], b_valid[mb]", "0 * b_states[mb[0]], b_valid[mb]")]
+        "edits": [("b_actions[mb], b_states[mb[0]],", "b_actions[mb], 0 * b_states[mb[0]],")]
     },
     "the LSTM learns from the policy loss alone": {
         "edits": [("self.critic(x.detach()).squeeze(-1), state", "self.critic(x).squeeze(-1), state")]
