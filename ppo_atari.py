@@ -106,8 +106,9 @@ class Args:
     """an Atari game: <Game>NoFrameskip-v4 or ALE/<Game>-v5"""
     sticky_actions: Optional[float] = None
     """probability that the emulator repeats the previous action (default: the id's own, 0 for v4, 0.25 for v5)"""
-    frame_stack: int = 4
-    """frames the agent sees at once (Atari detail 7); with --lstm, 1 is usual: the LSTM remembers the rest"""
+    frame_stack: Optional[int] = None
+    """frames the agent sees at once (Atari detail 7); default 4, or 1 with --lstm, as in the reference's recurrent
+    setup: the LSTM remembers the frames before"""
     env_backend: Literal["gymnasium", "ale-vector"] = "gymnasium"
     """gymnasium (the reference preprocessing, gymnasium's wrappers) or ale-vector (ale-py's threaded C++ vector env:
     faster, a slightly different preprocessing, and a resumed run starts new episodes; docs/usage.md)"""
@@ -210,13 +211,15 @@ def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym
     loop never trains on that step, and the observation returned when an episode ends is its true final one, which
     truncation bootstraps from.
     """
+    frames = args.frame_stack
+    if frames is None:  # the default: 4 frames, or 1 with --lstm, whose memory holds the ones before
+        frames = 1 if args.lstm else 4
     if args.env_backend == "ale-vector":  # every emulator stepped by C++ threads
         if video_dir is not None:
             raise UsageError("--capture-video records through gymnasium's wrappers; leave --env-backend at gymnasium")
-        envs = AleVectorEnv(args.env_id, num_envs, args.sticky_actions, args.frame_stack)
-    else:
-        recipes = [make_env(args.env_id, i, video_dir, args.sticky_actions, args.frame_stack) for i in range(num_envs)]
-        # One after another in this process, or each in a process of its own (--async-envs).
+        envs = AleVectorEnv(args.env_id, num_envs, args.sticky_actions, frames)
+    else:  # one after another in this process, or each emulator in a process of its own (--async-envs)
+        recipes = [make_env(args.env_id, i, video_dir, args.sticky_actions, frames) for i in range(num_envs)]
         envs = vector_env(recipes, args.async_envs)
     # Statistics before clipping: the reported return is the game score over all lives, unclipped.
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
@@ -245,14 +248,23 @@ def lstm_init(lstm: nn.LSTM) -> nn.LSTM:
 
 def recur(lstm: nn.LSTM, x: torch.Tensor, state: torch.Tensor, goes_on) -> tuple[torch.Tensor, torch.Tensor]:
     """The LSTM over one step x (B, features) or a sequence (L, B, features), from state (B, 2 * hidden): h and c side
-    by side, zero at every episode's start (LSTM detail 2). goes_on, (B,) or (L, B), is False where the observation is
-    its episode's last: the state after it restarts at zero (LSTM detail 3), so nothing seen crosses into the next
-    episode, while that last observation's own output (its value, which a time-limit cut bootstraps from) still sees
-    its whole episode. Returns the outputs, (B, hidden) or (L, B, hidden), and the state after the last step."""
-    keep = torch.as_tensor(goes_on, device=x.device).to(x.dtype).unsqueeze(-1)
+    by side, zero at every episode's start (LSTM detail 2). goes_on, (B,) or (L, B), or True where no episode ends, is
+    False where the observation is its episode's last: the state after it restarts at zero (LSTM detail 3), so nothing
+    seen crosses into the next episode, while that last observation's own output (its value, which a time-limit cut
+    bootstraps from) still sees its whole episode. Returns the outputs, (B, hidden) or (L, B, hidden), and the state
+    after the last step."""
+    keep = torch.as_tensor(goes_on, device=x.device).to(x.dtype).expand(x.shape[:-1]).unsqueeze(-1)
     if x.dim() == 2:  # one step (the rollout's): the cell alone costs a third of a call of the whole LSTM
         h, c = torch.lstm_cell(x, state.chunk(2, -1), *lstm.parameters())
         return h, torch.cat([h, c], -1) * keep
+    if x.is_cuda:
+        # On a GPU the whole LSTM (cuDNN's) runs in TF32 by default, the cell in float32: a replay through it would
+        # drift from the rollout's log-probs by about 1e-3. There the replay steps the rollout's cell instead.
+        outputs = []
+        for t in range(len(x)):
+            out, state = recur(lstm, x[t], state, keep[t, :, 0])
+            outputs.append(out)
+        return torch.stack(outputs), state
     h, c = (s.unsqueeze(0).contiguous() for s in state.chunk(2, -1))
     # One call of the LSTM per stretch without an episode's end: its time loop runs in C++ (oneDNN), not here.
     last_steps = torch.nonzero(keep.amin((1, 2)) == 0).flatten().tolist()  # where some env's episode ends
@@ -295,9 +307,9 @@ class Agent(nn.Module):
         state_size: 0, or 2 * the LSTM's units (--lstm)
     obs and actions are batches (B, ...); log-probs, entropies and values (B,). A recurrent agent (--lstm) carries a
     state (B, state_size), zero at an episode's start, from each step to the next; goes_on (B,) is False where obs is
-    its episode's last (see recur). It also takes whole sequences: obs (L, B, ...), goes_on (L, B), the state before
-    their first step; the outputs are then (L, B, ...). Without an LSTM the state passes through untouched, and
-    sequences are batches like any other.
+    its episode's last (see recur), True (the default) where no episode ends. It also takes whole sequences: obs
+    (L, B, ...), goes_on (L, B), the state before their first step; the outputs are then (L, B, ...). Without an LSTM
+    the state passes through untouched, and sequences are batches like any other.
     """
 
     def __init__(self, envs: gym.vector.VectorEnv, lstm_size: int = 0):
@@ -551,6 +563,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         terminations = np.zeros((T, N), dtype=np.float32)
         dones = np.zeros((T, N), dtype=np.float32)
         valid = np.zeros((T + 1, N), dtype=bool)  # False where a step only reset an env whose episode had ended
+        goes_on = np.zeros((T, N), dtype=bool)  # False where the LSTM's state restarts after the step: see the loop
         states = torch.zeros((T + 1, N, agent.state_size), device=device)  # the LSTM's state before each step
         envs = run.start(agent, optimizer, envs, obs, valid, states)  # resumes from the checkpoint, or resets the envs
         lives = np.array(envs.unwrapped.call("lives"))  # each emulator's lives left (FireOnReset.lives)
@@ -578,6 +591,11 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                     terminations[step] = terminated | life_lost
                     done = np.logical_or(terminated, truncated)
                     dones[step] = done | life_lost
+                    # The LSTM's memory ends there too: its state restarts after the step that lost the life, as
+                    # after an episode's last observation (LSTM detail 3), in the rollout and in the update's replay.
+                    goes_on[step] = valid[step] & ~life_lost
+                    if life_lost.any():
+                        states[step + 1, torch.from_numpy(life_lost).to(device)] = 0
                     # The step after an episode ends only resets that env: not a transition to learn from.
                     valid[step + 1] = ~done
                     obs[step + 1] = torch.as_tensor(next_obs, device=device)
@@ -587,10 +605,12 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
             # The rollout's host arrays go to the device before anything else is queued there: a copy from the
             # host waits for the device's queue, which is empty now.
             b_inds = torch.from_numpy(np.flatnonzero(valid[:T])).to(device)  # the transitions, found on the host
-            rewards_t, terminations_t, dones_t, valid_t = (
-                torch.from_numpy(x).to(device) for x in (rewards, terminations, dones, valid[:T])
+            rewards_t, terminations_t, dones_t, valid_t, goes_on_t = (
+                torch.from_numpy(x).to(device) for x in (rewards, terminations, dones, valid[:T], goes_on)
             )
-            b_obs, b_actions, b_states, b_valid = (x.flatten(0, 1) for x in (obs[:-1], actions, states[:-1], valid_t))
+            b_obs, b_actions, b_states, b_valid, b_goes_on = (
+                x.flatten(0, 1) for x in (obs[:-1], actions, states[:-1], valid_t, goes_on_t)
+            )
             with torch.no_grad():
                 b_logprobs = logprobs.flatten()
                 b_values = values[:-1].flatten()
@@ -608,7 +628,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                     with torch.autocast(**bf16):
                         if args.lstm:  # each sequence replayed from the rollout's state at its start (LSTM detail 5)
                             _, newlogp, entropy, newvalue, _ = agent.get_action_and_value(
-                                b_obs[mb], b_actions[mb], b_states[mb[0]], b_valid[mb]
+                                b_obs[mb], b_actions[mb], b_states[mb[0]], b_goes_on[mb]
                             )
                             keep = b_valid[mb]  # then the steps that only reset an env are dropped
                             mb, newlogp, entropy, newvalue = (x[keep] for x in (mb, newlogp, entropy, newvalue))
@@ -764,13 +784,19 @@ def load_env_stats(envs: gym.vector.VectorEnv, stats: dict) -> None:
     """Use a saved agent's env statistics, frozen, in new envs: nothing to do here."""
 
 
+def life_lost(before: dict, after: dict) -> np.ndarray:
+    """Where a step lost a life, from the envs' info before and after it: evaluation restarts an LSTM's state there,
+    as training does where learning's episode ends."""
+    return after["lives"] < before["lives"]
+
+
 # ====================================================================================================
 # Part B: running the experiment
 #
 # Everything below runs the experiment around train() and changes no number PPO computes: checks, torchrun, resume,
 # logs, progress, health warnings, checkpoints, signals, crashes, evaluation of a saved agent, main(). It is the same
 # text in all three scripts (a test keeps it so): what differs by env family comes from Part A's FAMILY, OPTION_RULES,
-# check_env, make_envs, env_state, restore_env_state, env_stats, load_env_stats, OBS_DTYPE and Agent.
+# check_env, make_envs, env_state, restore_env_state, env_stats, load_env_stats, life_lost, OBS_DTYPE and Agent.
 # ====================================================================================================
 SCRIPT = os.path.basename(__file__)  # messages and resume commands name this file, so a copy names itself
 
@@ -936,7 +962,7 @@ def load_checkpoint(args: Args) -> dict:
                 f"--resume {path} was trained with {flag(name)} {getattr(saved, name)}, not {value}; a resumed run "
                 "goes on as it started (only the budget and what watches it may change)"
             )
-    if args.run_name != saved.run_name:
+    if args.run_name not in (None, saved.run_name):
         raise UsageError(
             f"--run-name {args.run_name}: a resumed run goes on in its own folder, runs/{saved.run_name}; drop "
             "--run-name"
@@ -956,6 +982,7 @@ def load_checkpoint(args: Args) -> dict:
             f"--total-timesteps {args.total_timesteps} is less than the {ckpt['global_step']} steps "
             f"{path} has already trained"
         )
+    args.run_name = saved.run_name
     return ckpt
 
 
@@ -1789,13 +1816,15 @@ def evaluate(
     load_weights(agent, data["model"], what)
     seed = EVAL_SEED_OFFSET + args.seed if seed is None else seed
     torch.manual_seed(seed)
-    returns, (next_obs, _) = [], envs.reset(seed=seed)
+    returns, (next_obs, info) = [], envs.reset(seed=seed)
     state, goes_on = torch.zeros((1, agent.state_size)), np.ones(1, bool)  # an LSTM's state, carried through episodes
     with torch.inference_mode():
         while len(returns) < episodes:
             action, state = agent.act(torch.as_tensor(next_obs, dtype=OBS_DTYPE), state, goes_on, deterministic)
+            before = info
             next_obs, _, terminated, truncated, info = envs.step(action.numpy())
             goes_on = ~(terminated | truncated)
+            state[torch.from_numpy(life_lost(before, info))] = 0  # learning's episode ended with a life (Atari)
             if "_episode" in info:
                 returns.extend(info["episode"]["r"][info["_episode"]].tolist())
     envs.close()

@@ -245,14 +245,23 @@ def lstm_init(lstm: nn.LSTM) -> nn.LSTM:
 
 def recur(lstm: nn.LSTM, x: torch.Tensor, state: torch.Tensor, goes_on) -> tuple[torch.Tensor, torch.Tensor]:
     """The LSTM over one step x (B, features) or a sequence (L, B, features), from state (B, 2 * hidden): h and c side
-    by side, zero at every episode's start (LSTM detail 2). goes_on, (B,) or (L, B), is False where the observation is
-    its episode's last: the state after it restarts at zero (LSTM detail 3), so nothing seen crosses into the next
-    episode, while that last observation's own output (its value, which a time-limit cut bootstraps from) still sees
-    its whole episode. Returns the outputs, (B, hidden) or (L, B, hidden), and the state after the last step."""
-    keep = torch.as_tensor(goes_on, device=x.device).to(x.dtype).unsqueeze(-1)
+    by side, zero at every episode's start (LSTM detail 2). goes_on, (B,) or (L, B), or True where no episode ends, is
+    False where the observation is its episode's last: the state after it restarts at zero (LSTM detail 3), so nothing
+    seen crosses into the next episode, while that last observation's own output (its value, which a time-limit cut
+    bootstraps from) still sees its whole episode. Returns the outputs, (B, hidden) or (L, B, hidden), and the state
+    after the last step."""
+    keep = torch.as_tensor(goes_on, device=x.device).to(x.dtype).expand(x.shape[:-1]).unsqueeze(-1)
     if x.dim() == 2:  # one step (the rollout's): the cell alone costs a third of a call of the whole LSTM
         h, c = torch.lstm_cell(x, state.chunk(2, -1), *lstm.parameters())
         return h, torch.cat([h, c], -1) * keep
+    if x.is_cuda:
+        # On a GPU the whole LSTM (cuDNN's) runs in TF32 by default, the cell in float32: a replay through it would
+        # drift from the rollout's log-probs by about 1e-3. There the replay steps the rollout's cell instead.
+        outputs = []
+        for t in range(len(x)):
+            out, state = recur(lstm, x[t], state, keep[t, :, 0])
+            outputs.append(out)
+        return torch.stack(outputs), state
     h, c = (s.unsqueeze(0).contiguous() for s in state.chunk(2, -1))
     # One call of the LSTM per stretch without an episode's end: its time loop runs in C++ (oneDNN), not here.
     last_steps = torch.nonzero(keep.amin((1, 2)) == 0).flatten().tolist()  # where some env's episode ends
@@ -289,9 +298,9 @@ class Agent(nn.Module):
         state_size: 0, or 2 * the LSTM's units (--lstm)
     obs and actions are batches (B, ...); log-probs, entropies and values (B,). A recurrent agent (--lstm) carries a
     state (B, state_size), zero at an episode's start, from each step to the next; goes_on (B,) is False where obs is
-    its episode's last (see recur). It also takes whole sequences: obs (L, B, ...), goes_on (L, B), the state before
-    their first step; the outputs are then (L, B, ...). Without an LSTM the state passes through untouched, and
-    sequences are batches like any other.
+    its episode's last (see recur), True (the default) where no episode ends. It also takes whole sequences: obs
+    (L, B, ...), goes_on (L, B), the state before their first step; the outputs are then (L, B, ...). Without an LSTM
+    the state passes through untouched, and sequences are batches like any other.
     """
 
     def __init__(self, envs: gym.vector.VectorEnv, lstm_size: int = 0):
@@ -793,13 +802,19 @@ class SharedStatistics:
         self.synced = copy.deepcopy(self.stats)
 
 
+def life_lost(before: dict, after: dict) -> np.ndarray:
+    """Where a step lost a life (an Atari game's, ppo_atari.py), from the envs' info before and after it: evaluation
+    restarts an LSTM's state there, as training does. These envs have no lives; evaluation plays one env."""
+    return np.zeros(1, bool)
+
+
 # ====================================================================================================
 # Part B: running the experiment
 #
 # Everything below runs the experiment around train() and changes no number PPO computes: checks, torchrun, resume,
 # logs, progress, health warnings, checkpoints, signals, crashes, evaluation of a saved agent, main(). It is the same
 # text in all three scripts (a test keeps it so): what differs by env family comes from Part A's FAMILY, OPTION_RULES,
-# check_env, make_envs, env_state, restore_env_state, env_stats, load_env_stats, OBS_DTYPE and Agent.
+# check_env, make_envs, env_state, restore_env_state, env_stats, load_env_stats, life_lost, OBS_DTYPE and Agent.
 # ====================================================================================================
 SCRIPT = os.path.basename(__file__)  # messages and resume commands name this file, so a copy names itself
 
@@ -965,7 +980,7 @@ def load_checkpoint(args: Args) -> dict:
                 f"--resume {path} was trained with {flag(name)} {getattr(saved, name)}, not {value}; a resumed run "
                 "goes on as it started (only the budget and what watches it may change)"
             )
-    if args.run_name != saved.run_name:
+    if args.run_name not in (None, saved.run_name):
         raise UsageError(
             f"--run-name {args.run_name}: a resumed run goes on in its own folder, runs/{saved.run_name}; drop "
             "--run-name"
@@ -985,6 +1000,7 @@ def load_checkpoint(args: Args) -> dict:
             f"--total-timesteps {args.total_timesteps} is less than the {ckpt['global_step']} steps "
             f"{path} has already trained"
         )
+    args.run_name = saved.run_name
     return ckpt
 
 
@@ -1818,13 +1834,15 @@ def evaluate(
     load_weights(agent, data["model"], what)
     seed = EVAL_SEED_OFFSET + args.seed if seed is None else seed
     torch.manual_seed(seed)
-    returns, (next_obs, _) = [], envs.reset(seed=seed)
+    returns, (next_obs, info) = [], envs.reset(seed=seed)
     state, goes_on = torch.zeros((1, agent.state_size)), np.ones(1, bool)  # an LSTM's state, carried through episodes
     with torch.inference_mode():
         while len(returns) < episodes:
             action, state = agent.act(torch.as_tensor(next_obs, dtype=OBS_DTYPE), state, goes_on, deterministic)
+            before = info
             next_obs, _, terminated, truncated, info = envs.step(action.numpy())
             goes_on = ~(terminated | truncated)
+            state[torch.from_numpy(life_lost(before, info))] = 0  # learning's episode ended with a life (Atari)
             if "_episode" in info:
                 returns.extend(info["episode"]["r"][info["_episode"]].tolist())
     envs.close()

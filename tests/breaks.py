@@ -120,7 +120,7 @@ BREAKS = {
         ]
     },
     "reconstruct LSTM states during training": {
-        "edits": [("b_states[mb[0]], b_valid[mb]", "0 * b_states[mb[0]], b_valid[mb]")]
+        "edits": [("b_actions[mb], b_states[mb[0]],", "b_actions[mb], 0 * b_states[mb[0]],")]
     },
     # --- the MultiDiscrete detail ---
     "MultiDiscrete action spaces": {
@@ -243,7 +243,7 @@ BREAKS = {
     "a finished run is never written again": {
         "edits": [('if has_finished(os.path.join("runs", saved.run_name)):', "if False:")]
     },
-    "a resume goes on in its own folder": {"edits": [("if args.run_name != saved.run_name:", "if False:")]},
+    "a resume goes on in its own folder": {"edits": [("if args.run_name not in (None, saved.run_name):", "if False:")]},
     "one live process per run folder": {"edits": [("fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)", "pass")]},
     "messages offer only what is on disk": {
         "edits": [

@@ -176,10 +176,13 @@ class CueEnv(gym.Env):
     """Episodes of 3 steps, whose first observation is a cue and the rest 0. The first episode after a seeded reset
     shows 1 for an odd seed and -1 for an even one, every later episode 0.5: envs seeded apart differ only in what
     their first episode showed, so from the second episode on a memory that crosses no episode's end sees the same.
-    image: the observation is that many 84x84 uint8 frames (cue 1, -1, 0.5, 0 -> 255, 64, 128, 0), one life."""
+    image: the observation is that many 84x84 uint8 frames (cue 1, -1, 0.5, 0 -> 255, 64, 128, 0), one life.
+    lives: the game's lives (info["lives"], as ALE's); each but the last is lost at its 4th step, without the episode
+    ending, and the next life starts with 0.5: from the second life on, a memory that crosses no lost life sees the
+    same in every env, as from the second episode on."""
 
-    def __init__(self, continuous=False, image=0):
-        self.image = image
+    def __init__(self, continuous=False, image=0, lives=1):
+        self.image, self.lives_per_game = image, lives
         self.observation_space = (
             gym.spaces.Box(0, 255, (image, 84, 84), np.uint8) if image else gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
         )
@@ -191,16 +194,19 @@ class CueEnv(gym.Env):
         return np.array([cue], np.float32)
 
     def lives(self):
-        return 1
+        return self.left
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
-        self.t = 0
-        return self.obs(0.5 if seed is None else 1.0 if seed % 2 else -1.0), {"lives": 1}
+        self.t, self.left = 0, self.lives_per_game
+        return self.obs(0.5 if seed is None else 1.0 if seed % 2 else -1.0), {"lives": self.left}
 
     def step(self, action):
         self.t += 1
-        return self.obs(0.0), 1.0, self.t >= 3, False, {"lives": 1}
+        if self.left > 1 and self.t == 4:  # a life lost; the next one starts
+            self.t, self.left = 0, self.left - 1
+            return self.obs(0.5), 1.0, False, False, {"lives": self.left}
+        return self.obs(0.0), 1.0, self.left == 1 and self.t >= 3, False, {"lives": self.left}
 
 
 class UnboundedEnv(ConstantEnv):

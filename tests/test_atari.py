@@ -27,6 +27,21 @@ def test_frames_are_84x84_gray_uint8_stacked_oldest_first():
     envs.close()
 
 
+@pytest.mark.parametrize("backend", ["gymnasium", "ale-vector"])
+def test_lstm_sees_one_frame_unless_frame_stack_is_given(backend):
+    # The reference's recurrent Atari setup: one frame, the LSTM remembering those before; 4 frames without --lstm.
+    for options, frames in (
+        ({}, 4),
+        ({"lstm": True}, 1),
+        ({"lstm": True, "frame_stack": 4}, 4),
+        ({"frame_stack": 2}, 2),
+    ):
+        envs = ppo.make_envs(ppo.Args(env_backend=backend, async_envs=False, **options), 1)
+        assert envs.single_observation_space.shape == (frames, 84, 84), options
+        assert envs.reset(seed=0)[0].shape == (1, frames, 84, 84), options
+        envs.close()
+
+
 def test_fire_on_reset_only_for_games_that_need_it():
     breakout = ppo.make_env("BreakoutNoFrameskip-v4", 0, None)()
     pacman = ppo.make_env("MsPacmanNoFrameskip-v4", 0, None)()  # no FIRE action at all

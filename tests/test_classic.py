@@ -145,7 +145,7 @@ def test_no_action_masks_trains_without_them(monkeypatch):
 def test_a_masked_run_resumes_exactly_and_its_saved_agent_evaluates(in_tmp_dir):
     straight = ppo.train(tiny(ppo, RUN, env_id="TestMaskedMulti-v0", run_name="straight", save_model=True))
     ppo.train(tiny(ppo, RUN, env_id="TestMaskedMulti-v0", run_name="cut", checkpoint_every=1), stop_at_step=512)
-    resumed = ppo.train(tiny(ppo, RUN, env_id="TestMaskedMulti-v0", resume="runs/cut/checkpoint.pt"))
+    resumed = ppo.train(tiny(ppo, RUN, env_id="TestMaskedMulti-v0", run_name="cut", resume="runs/cut/checkpoint.pt"))
     assert same_params(straight["agent"].state_dict(), resumed["agent"].state_dict())
     returns, _ = ppo.evaluate("runs/straight/agent.pt", episodes=3, deterministic=True)
     assert returns.shape == (3,)

@@ -208,7 +208,7 @@ def test_resume_mid_episode_in_mujoco_is_exact(in_tmp_dir):
     kw = dict(env_id="HalfCheetah-v5", total_timesteps=2048)
     straight = ppo.train(tiny(ppo, RUN, run_name="straight", **kw))
     ppo.train(tiny(ppo, RUN, run_name="cut", checkpoint_every=1, **kw), stop_at_step=1024)
-    resumed = ppo.train(tiny(ppo, RUN, resume="runs/cut/checkpoint.pt", **kw))
+    resumed = ppo.train(tiny(ppo, RUN, run_name="cut", resume="runs/cut/checkpoint.pt", **kw))
     assert resumed["global_step"] == 2048 and straight["episodes"]["returns"] == resumed["episodes"]["returns"]
     assert same_params(straight["agent"].state_dict(), resumed["agent"].state_dict())
     assert torch.equal(straight["env_stats"]["obs_rms"]["mean"], resumed["env_stats"]["obs_rms"]["mean"])

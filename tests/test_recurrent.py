@@ -13,33 +13,46 @@ import torch
 from helpers import CueEnv, assert_bad_input, box, load, same_params, spaces, tiny
 
 HIDDEN = 8  # units: enough for a state that remembers, small enough for fast runs
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]  # the GPU's kernels too, where there is one
 
 
 def lstm_args(ppo, **kw):
     return tiny(ppo, lstm=True, lstm_hidden_size=HIDDEN, **kw)
 
 
-def cue_run(ppo, monkeypatch, **kw):
+def small_envs(ppo):
+    """The spaces of a small env of the script's family: one 84x84 frame (Atari), or 5 numbers."""
+    if ppo.__name__ == "ppo_atari":
+        return spaces(gym.spaces.Box(0, 255, (1, 84, 84), np.uint8), gym.spaces.Discrete(4))
+    return spaces(box(5), gym.spaces.Discrete(3) if ppo.__name__ == "ppo_discrete" else box(2))
+
+
+def cue_run(ppo, monkeypatch, lives=1, **kw):
     """Args of a run on CueEnv (3-step episodes, two envs that differ only in their first episode's cue); Atari gets
-    it as frames, through make_env."""
+    it as frames, through make_env, with that many lives in each game."""
     if ppo.__name__ == "ppo_atari":
         monkeypatch.setattr(ppo, "check_env", lambda env_id: None)
         monkeypatch.setattr(
-            ppo, "make_env", lambda env_id, idx, video_dir=None, sticky=None, frames=4: lambda: CueEnv(image=frames)
+            ppo,
+            "make_env",
+            lambda env_id, idx, video_dir=None, sticky=None, frames=4: lambda: CueEnv(image=frames, lives=lives),
         )
     env_id = "TestCueContinuous-v0" if ppo.__name__ == "ppo_continuous" else "TestCue-v0"
-    return lstm_args(ppo, env_id=env_id, num_envs=2, num_steps=16, num_minibatches=2, seed=1, **kw)
+    return lstm_args(ppo, **{"env_id": env_id, "num_envs": 2, "num_steps": 16, "num_minibatches": 2, "seed": 1, **kw})
 
 
-def spy_recur(ppo, monkeypatch) -> list:
+def spy_recur(ppo, monkeypatch, replays=None) -> list:
     """Every step the LSTM takes in a rollout or an evaluation (under inference mode): (state in, goes_on, output,
-    state out), each row an env."""
+    state out), each row an env. replays, a list, also gets every sequence replayed after a rollout: (the rollout
+    steps taken so far, its outputs)."""
     steps, recur = [], ppo.recur
 
     def spy(lstm, x, state, goes_on):
         out, new = recur(lstm, x, state, goes_on)
         if torch.is_inference_mode_enabled():
             steps.append((state.clone(), torch.as_tensor(goes_on).clone(), out.clone(), new.clone()))
+        elif replays is not None and x.dim() == 3:
+            replays.append((len(steps), out.detach().clone()))
         return out, new
 
     monkeypatch.setattr(ppo, "recur", spy)
@@ -51,11 +64,7 @@ def spy_recur(ppo, monkeypatch) -> list:
 # ----------------------------------------------------------------------------------------------------
 def test_lstm_weights_are_orthogonal_and_biases_zero(ppo):
     torch.manual_seed(0)
-    envs = (
-        spaces(gym.spaces.Box(0, 255, (1, 84, 84), np.uint8), gym.spaces.Discrete(4))
-        if ppo.__name__ == "ppo_atari"
-        else spaces(box(5), gym.spaces.Discrete(3) if ppo.__name__ == "ppo_discrete" else box(2))
-    )
+    envs = small_envs(ppo)
     agent = ppo.Agent(envs, HIDDEN)
     assert agent.state_size == 2 * HIDDEN and ppo.Agent(envs).state_size == 0 and ppo.Agent(envs).lstm is None
     for name, param in agent.lstm.named_parameters():
@@ -84,7 +93,7 @@ def test_the_state_starts_at_zero_in_training_evaluation_and_a_resume_with_new_e
         lstm_args(ppo, run_name="cut", checkpoint_every=1, total_timesteps=3 * batch, **kw), stop_at_step=2 * batch
     )
     steps.clear()
-    ppo.train(lstm_args(ppo, total_timesteps=3 * batch, resume="runs/cut/checkpoint.pt", **kw))
+    ppo.train(lstm_args(ppo, run_name="cut", total_timesteps=3 * batch, resume="runs/cut/checkpoint.pt", **kw))
     assert not steps[0][0].any()
     steps.clear()
     ppo.evaluate("runs/tiny/agent.pt", episodes=1)
@@ -96,12 +105,7 @@ def test_the_lstm_learns_from_the_policy_loss_alone_but_in_atari(ppo):
     # reference's ppo_atari_lstm.py: the value loss trains the LSTM (and the CNN) too.
     torch.manual_seed(0)
     atari = ppo.__name__ == "ppo_atari"
-    envs = (
-        spaces(gym.spaces.Box(0, 255, (1, 84, 84), np.uint8), gym.spaces.Discrete(4))
-        if atari
-        else spaces(box(5), gym.spaces.Discrete(3) if ppo.__name__ == "ppo_discrete" else box(2))
-    )
-    agent = ppo.Agent(envs, HIDDEN)
+    agent = ppo.Agent(small_envs(ppo), HIDDEN)
     obs = torch.randint(0, 256, (6, 3, 1, 84, 84), dtype=torch.uint8) if atari else torch.randn(6, 3, 5)
     state, goes_on = torch.randn(3, 2 * HIDDEN), torch.ones(6, 3, dtype=torch.bool)
     for part in ("policy", "value"):
@@ -115,39 +119,73 @@ def test_the_lstm_learns_from_the_policy_loss_alone_but_in_atari(ppo):
 # ----------------------------------------------------------------------------------------------------
 # LSTM detail 3: no memory crosses an episode's end, in the rollout, the update's replay and evaluation
 # ----------------------------------------------------------------------------------------------------
-def test_no_state_crosses_an_episode_boundary(ppo, monkeypatch):
-    # Env 0 (seed 1) and env 1 (seed 2) differ only in their first episode's cue; its step 3 observation is that
-    # episode's last, and from step 4 on both see the same. So every output must differ before step 4 and be the same
-    # after it, in the rollout (step by step) and in the values GAE gets (the sequence replayed in one pass).
-    steps, values, gae = spy_recur(ppo, monkeypatch), [], ppo.compute_gae
+def cue_outputs(ppo, monkeypatch, device="cpu", lives=1) -> tuple[dict, list]:
+    """Train on CueEnv (env 0 seeded 1, env 1 seeded 2), then evaluate the agent with seed 1 and with seed 2. Returns
+    the LSTM's outputs, (steps, the two envs or seeds, ...): in the rollout, the values GAE gets, the replays after the
+    first rollout (one minibatch: both envs under the same parameters, each replay's outputs side by side) and
+    evaluation; and each seed's evaluation steps (spy_recur)."""
+    replays, values, gae = [], [], ppo.compute_gae
+    steps = spy_recur(ppo, monkeypatch, replays)
     monkeypatch.setattr(ppo, "compute_gae", lambda rewards, v, *a: values.append(v.clone()) or gae(rewards, v, *a))
-    args = cue_run(ppo, monkeypatch, total_timesteps=64, save_model=True)
-    ppo.train(args)
-    rollout = torch.stack([out for _, _, out, _ in steps])  # (steps, envs, hidden)
-    values = torch.cat([v[:-1] for v in values])  # (steps, envs)
-    for seen in (rollout, values):
-        assert (seen[:4, 0] - seen[:4, 1]).abs().amax() > 1e-3  # the cue shows: the test can tell a leak
-        # Rows of one batch, made by the same kernels from the same inputs: equal up to float32 rounding.
-        torch.testing.assert_close(seen[4:, 0], seen[4:, 1], atol=1e-6, rtol=0)
-    # Evaluation: one env, seed 1 then seed 2; the state goes on within an episode and restarts after its last step.
-    outputs = []
+    args = cue_run(ppo, monkeypatch, lives, total_timesteps=64, num_minibatches=1, save_model=True)
+    ppo.train(dataclasses.replace(args, cuda=device == "cuda"))
+    seen = {
+        "rollout": torch.stack([out for _, _, out, _ in steps]),
+        "values": torch.cat([v[:-1] for v in values]),
+        "replay": torch.cat([out for taken, out in replays if taken == args.num_steps], -1),
+    }
+    evaluations = []
     for seed in (1, 2):
         steps.clear()
         ppo.evaluate("runs/tiny/agent.pt", episodes=3, seed=seed)
+        evaluations.append(list(steps))
+    seen["evaluation"] = torch.stack([torch.stack([out[0] for _, _, out, _ in e]) for e in evaluations], 1)
+    return seen, evaluations
+
+
+def assert_memory_ends_before(seen: torch.Tensor, step: int, what: str) -> None:
+    """Two envs' outputs differ before `step` (a cue shows: the test can tell a leak) and are the same from it on."""
+    assert (seen[:step, 0] - seen[:step, 1]).abs().amax() > 1e-3, what
+    # Rows of one batch, made by the same kernels from the same inputs: equal up to float32 rounding.
+    torch.testing.assert_close(seen[step:, 0], seen[step:, 1], atol=1e-6, rtol=0, msg=what)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_state_crosses_an_episode_boundary(ppo, monkeypatch, device):
+    # The two envs differ only in their first episode's cue; its step 3 observation is that episode's last, and from
+    # step 4 on both see the same. So every output must differ before step 4 and be the same from it on, in the
+    # rollout (step by step), the values GAE gets (the rollout's), the update's replay (a sequence in one pass) and
+    # evaluation.
+    seen, evaluations = cue_outputs(ppo, monkeypatch, device)
+    for what, outputs in seen.items():
+        assert_memory_ends_before(outputs, 4, what)
+    for steps in evaluations:  # the state goes on within an episode and restarts after its last step
         for (_, goes_on, _, new), (state, *_) in zip(steps, steps[1:]):
             assert torch.equal(state, new) and (goes_on.all() or not new.any())  # carried on, or zero after an end
-        outputs.append(torch.stack([out[0] for _, _, out, _ in steps]))
-    assert (outputs[0][:4] - outputs[1][:4]).abs().amax() > 1e-3
-    torch.testing.assert_close(outputs[0][4:], outputs[1][4:], atol=1e-6, rtol=0)
 
 
-def test_recur_over_a_sequence_is_the_same_as_step_by_step(ppo):
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_state_crosses_a_lost_life_in_atari(monkeypatch, device):
+    # A lost life ends the episode for learning (though not the game): the state restarts there as at an episode's
+    # end, as the reference's EpisodicLifeEnv has it. Each game has 2 lives, the first lost at step 3 (its 4th
+    # step): from step 4 on both envs see the same, in the rollout, the replay and evaluation.
+    ppo = importlib.import_module("ppo_atari")
+    seen, evaluations = cue_outputs(ppo, monkeypatch, device, lives=2)
+    for what, outputs in seen.items():
+        assert_memory_ends_before(outputs, 4, what)
+    for steps in evaluations:
+        assert not steps[4][0].any()  # the state after the step that lost the life
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_recur_over_a_sequence_is_the_same_as_step_by_step(ppo, device):
     # The update replays a whole sequence in one call per stretch between episode ends; the rollout goes step by step.
+    # On a GPU the whole LSTM (cuDNN's) would run in TF32, the step in float32: about 1e-3 apart.
     torch.manual_seed(0)
-    lstm = ppo.lstm_init(torch.nn.LSTM(3, HIDDEN))
-    x, goes_on = torch.randn(12, 4, 3), torch.rand(12, 4) > 0.2
+    lstm = ppo.lstm_init(torch.nn.LSTM(3, HIDDEN)).to(device)
+    x, goes_on = torch.randn(12, 4, 3, device=device), torch.rand(12, 4) > 0.2
     goes_on[5] = False  # every env ends an episode at once
-    state = torch.randn(4, 2 * HIDDEN)
+    state = torch.randn(4, 2 * HIDDEN, device=device)
     out, last = ppo.recur(lstm, x, state, goes_on)
     outs, s = [], state
     for t in range(12):
@@ -155,6 +193,22 @@ def test_recur_over_a_sequence_is_the_same_as_step_by_step(ppo):
         outs.append(o)
     torch.testing.assert_close(out, torch.stack(outs), atol=1e-6, rtol=0)
     torch.testing.assert_close(last, s, atol=1e-6, rtol=0)
+
+
+def test_a_sequence_without_goes_on_has_no_episode_end(ppo):
+    # goes_on defaults to True in the agent: for one step and for a whole sequence alike, no episode ends anywhere.
+    torch.manual_seed(0)
+    lstm = ppo.lstm_init(torch.nn.LSTM(5, HIDDEN))
+    x, state = torch.randn(10, 3, 5), torch.randn(3, 2 * HIDDEN)
+    for given, every in ((x, torch.ones(10, 3, dtype=torch.bool)), (x[0], np.ones(3, bool))):
+        out, last = ppo.recur(lstm, given, state, True)
+        expected_out, expected_last = ppo.recur(lstm, given, state, every)
+        assert torch.equal(out, expected_out) and torch.equal(last, expected_last)
+    agent = ppo.Agent(small_envs(ppo), HIDDEN)
+    obs = torch.randint(0, 256, (10, 3, 1, 84, 84), dtype=torch.uint8) if ppo.__name__ == "ppo_atari" else x
+    action, logp, _, value, last = agent.get_action_and_value(obs, None, state, torch.ones(10, 3, dtype=torch.bool))
+    _, logp_default, _, value_default, last_default = agent.get_action_and_value(obs, action, state)
+    assert torch.equal(logp_default, logp) and torch.equal(value_default, value) and torch.equal(last_default, last)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,7 +242,8 @@ def test_the_feedforward_minibatches_are_shuffled_transitions(ppo):
     assert all(torch.equal(a, b) for a, b in zip(mbs, torch.tensor_split(b_inds[torch.randperm(7)], 3)))
 
 
-def test_the_replay_before_the_first_step_gives_the_rollout_s_log_probs_and_values(ppo, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_replay_before_the_first_step_gives_the_rollout_s_log_probs_and_values(ppo, monkeypatch, device):
     # The first minibatch of each update is learned from before any optimizer step: its replayed sequences, started
     # from the rollout's states at their first steps (mid-rollout where an env's rollout is cut into chunks), with
     # their resets, must give exactly what the rollout's policy gave. Three updates: the later ones start from a
@@ -204,7 +259,7 @@ def test_the_replay_before_the_first_step_gives_the_rollout_s_log_probs_and_valu
 
     monkeypatch.setattr(ppo, "ppo_loss", spy)
     kw = {} if ppo.__name__ == "ppo_continuous" else dict(num_envs=2)  # 2 envs or 1: each rollout cut in 2 or 4
-    args = lstm_args(ppo, num_minibatches=num_minibatches, update_epochs=epochs, **kw)
+    args = lstm_args(ppo, num_minibatches=num_minibatches, update_epochs=epochs, cuda=device == "cuda", **kw)
     ppo.train(dataclasses.replace(args, total_timesteps=3 * args.batch_size))
     assert len(firsts) == 3
     for logratio, value in firsts:
