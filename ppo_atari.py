@@ -1001,7 +1001,8 @@ def has_finished(folder: str) -> bool:
 # step: one agent learning from N times the data. A plain run is rank 0 of 1, and nothing here communicates.
 def init_distributed(use_cuda: bool) -> tuple[int, int, torch.device]:
     """(rank, world_size, device); joins the other ranks when started by torchrun (Gloo on CPUs, NCCL on GPUs)."""
-    world_size, cuda = int(os.environ.get("WORLD_SIZE", "1")), use_cuda and torch.cuda.is_available()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = use_cuda and torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if world_size == 1:
         return 0, 1, device
@@ -1065,7 +1066,10 @@ class EnvCheck(gym.Wrapper):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         super().__init__(recipe())
-        self.index, self.steps, self.pending, self.space = index, 0, pending, self.env.observation_space
+        self.index = index
+        self.steps = 0
+        self.pending = pending
+        self.space = self.env.observation_space
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
@@ -1073,31 +1077,35 @@ class EnvCheck(gym.Wrapper):
 
     def step(self, action):
         if self.pending:
-            self.pending, (obs, info) = False, self.env.reset()
+            self.pending = False
+            obs, info = self.env.reset()
             return self.check(obs, 0.0), 0.0, False, False, info
         obs, reward, terminated, truncated, info = self.env.step(action)
         self.steps += 1
         return self.check(obs, reward), reward, terminated, truncated, info
 
     def check(self, obs, reward):
-        obs, floats = np.asarray(obs), np.issubdtype(self.space.dtype, np.floating)
-        fault = (
-            f"an observation of shape {obs.shape}"
-            if obs.shape != self.space.shape
-            else f"an observation of dtype {obs.dtype}"
-            if not np.can_cast(obs.dtype, self.space.dtype, "same_kind")
-            else "a non-finite observation"
-            if floats and not np.isfinite(obs).all()
-            else f"a reward of {reward}"
-            if not math.isfinite(reward)
-            else None
-        )
+        obs = np.asarray(obs)
+        fault = self.fault(obs, reward)
         if fault:
+            name = getattr(self.env.spec, "id", self.env)
             raise RunError(
-                f"env {self.index} ({getattr(self.env.spec, 'id', self.env)}) returned {fault} at its step "
-                f"{self.steps}, where its observation space is {self.space}"
+                f"env {self.index} ({name}) returned {fault} at its step {self.steps}, where its observation space is "
+                f"{self.space}"
             )
         return obs
+
+    def fault(self, obs: np.ndarray, reward) -> Optional[str]:
+        """What is wrong with what the env returned, or None."""
+        if obs.shape != self.space.shape:
+            return f"an observation of shape {obs.shape}"
+        if not np.can_cast(obs.dtype, self.space.dtype, "same_kind"):
+            return f"an observation of dtype {obs.dtype}"
+        if np.issubdtype(self.space.dtype, np.floating) and not np.isfinite(obs).all():
+            return "a non-finite observation"
+        if not math.isfinite(reward):
+            return f"a reward of {reward}"
+        return None
 
     def checkpoint_state(self) -> dict:
         return env_state(self.env)
@@ -1107,14 +1115,19 @@ def rank_state(envs: gym.vector.VectorEnv, with_envs: bool = True) -> dict:
     """A rank's random streams and vector env, pickled ("state"): its wrappers (with their statistics) and its envs,
     each by env_state; without with_envs, or where the envs cannot be pickled (an open file, a C++ vector env), new
     episodes on resume, and "new_episodes" says why."""
-    bottom, inner, why = envs.unwrapped, envs, None if with_envs else "written after a crash"
+    bottom = envs.unwrapped
+    inner = envs  # the innermost wrapper, above the vector env itself
     while isinstance(inner, gym.vector.VectorWrapper) and inner.env is not bottom:
         inner = inner.env
+    saved = None
+    why = None if with_envs else "written after a crash"
     try:  # a vector env of its own (CartPole's) pickles whole; each env of the others is saved by env_state
-        own = isinstance(bottom, (gym.vector.SyncVectorEnv, gym.vector.AsyncVectorEnv))
-        saved = cloudpickle.dumps(list(bottom.call("checkpoint_state")) if own else bottom) if with_envs else None
+        if with_envs and isinstance(bottom, (gym.vector.SyncVectorEnv, gym.vector.AsyncVectorEnv)):
+            saved = cloudpickle.dumps(list(bottom.call("checkpoint_state")))
+        elif with_envs:
+            saved = cloudpickle.dumps(bottom)
     except Exception as e:
-        saved, why = None, f"its envs cannot be saved: {first_line(e)}"
+        why = f"its envs cannot be saved: {first_line(e)}"
     rng = (
         torch.get_rng_state(),
         np.random.get_state(),
@@ -1392,7 +1405,9 @@ class Run:
     ) -> gym.vector.VectorEnv:
         """Resume from the checkpoint, or reset the envs; returns the envs. The last row of obs, valid and each carried
         buffer is what one rollout hands to the next (and checkpoints save): the first rollout starts there."""
-        args, ckpt, restored = self.args, self.resumed, False
+        args = self.args
+        ckpt = self.resumed
+        restored = False
         if envs.metadata.get("autoreset_mode") != gym.vector.AutoresetMode.NEXT_STEP:  # else the final obs is lost
             raise UsageError(
                 f"the vector env resets its envs in mode {envs.metadata.get('autoreset_mode')}; the loop "
@@ -1407,8 +1422,10 @@ class Run:
             for buffer, row in zip((obs, valid, *carried), mine["carried"]):
                 buffer[-1] = row.numpy() if isinstance(buffer, np.ndarray) else row
             envs, restored = restore_rank(envs, mine["state"], ~valid[-1], args.async_envs)
-            self.global_step, self.first_iteration = ckpt["global_step"], ckpt["iteration"] + 1
-            self.episodes, self.elapsed_before = [tuple(e) for e in ckpt["episodes"]], ckpt["elapsed"]
+            self.global_step = ckpt["global_step"]
+            self.first_iteration = ckpt["iteration"] + 1
+            self.episodes = [tuple(e) for e in ckpt["episodes"]]
+            self.elapsed_before = ckpt["elapsed"]
         if ckpt is not None and not restored:
             self.say(
                 f"note: {args.resume} holds no envs ({mine.get('new_episodes') or 'they could not be saved'}); "
@@ -1420,7 +1437,10 @@ class Run:
             valid[-1] = True
             for buffer in carried:
                 buffer[-1] = 0
-        self.agent, self.optimizer, self.envs, self.buffers = agent, optimizer, envs, (obs, valid, *carried)
+        self.agent = agent
+        self.optimizer = optimizer
+        self.envs = envs
+        self.buffers = (obs, valid, *carried)
         optimizer.found_inf = torch.zeros((), device=self.device)  # fused Adam skips its step while this is set
         if self.main:
             if args.track:  # Weights & Biases mirrors TensorBoard; a resumed run goes on in its own wandb run
@@ -1459,9 +1479,11 @@ class Run:
         --checkpoint-minutes), and the end of the run after Ctrl-C or SIGTERM (with a checkpoint) or at stop_at_step."""
         args = self.args
         for iteration in range(self.first_iteration, args.num_iterations + 1):
-            self.iteration, self.updating, started = iteration, False, time.time()
+            self.iteration = iteration
+            started = time.time()
             yield iteration
-            self.done_step, self.updating = self.global_step, False
+            self.done_step = self.global_step
+            self.updating = False
             self.update_times.append(time.time() - started)
             if args.compile and len(self.update_times) == 3:
                 self.say(
@@ -1472,7 +1494,8 @@ class Run:
             minutes = args.checkpoint_minutes and time.time() - self.last_checkpoint >= 60 * args.checkpoint_minutes
             # A signal during the last update changes nothing: the run is complete. All ranks stop and checkpoint after
             # the same update (a signal reaches them at slightly different moments).
-            stop, due = self.signal is not None and iteration < args.num_iterations, every or minutes
+            stop = self.signal is not None and iteration < args.num_iterations
+            due = bool(every or minutes)
             if self.world_size > 1:
                 stop, due = (all_sum(torch.tensor([float(stop), float(due)], device=self.device)) > 0).tolist()
             if stop or due:
@@ -1485,11 +1508,11 @@ class Run:
         """Count one step of the vector env, and keep the episodes that ended in it: (step, time, return, length)."""
         self.global_step += self.args.num_envs * self.world_size
         if "_episode" in info:
-            ended, now = info["_episode"], round(self.elapsed(), 3)
-            self.episodes += [
-                (self.global_step, now, r, n)
-                for r, n in zip(info["episode"]["r"][ended].tolist(), info["episode"]["l"][ended].tolist())
-            ]
+            ended = info["_episode"]
+            now = round(self.elapsed(), 3)
+            returns = info["episode"]["r"][ended].tolist()
+            lengths = info["episode"]["l"][ended].tolist()
+            self.episodes += [(self.global_step, now, r, n) for r, n in zip(returns, lengths)]
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.start_time
@@ -1509,21 +1532,20 @@ class Run:
             dist.gather_object(self.episodes[self.episodes_sent :], everyone, dst=0)
             self.episodes += [e for other in (everyone[1:] if self.main else []) for e in other]
             self.episodes_sent = len(self.episodes)
-        values = torch.cat(
-            [
-                all_sum(torch.stack(list(diagnostics.values()))) / self.world_size,
-                explained_var,
-                self.optimizer.found_inf.view(1),
-            ]
-        ).tolist()
+        means = all_sum(torch.stack(list(diagnostics.values()))) / self.world_size
+        values = torch.cat([means, explained_var, self.optimizer.found_inf.view(1)]).tolist()  # the one host copy
         if values[-1]:
             raise RunError(
                 f"the loss became nan or infinite in update {self.iteration} (step {self.global_step}); its "
                 "optimizer step and the update's later ones were skipped and training stopped. Lower "
                 f"--learning-rate or --max-grad-norm; the last checkpoint, if any, stays in {self.run_dir}"
             )
-        step, n, recent = self.global_step, len(diagnostics), self.episodes[-20:]
-        sps, total, ret = (step - self.start_step) / (time.time() - self.start_time), self.args.total_timesteps, np.nan
+        step = self.global_step
+        n = len(diagnostics)
+        recent = self.episodes[-20:]
+        sps = (step - self.start_step) / (time.time() - self.start_time)
+        total = self.args.total_timesteps
+        ret = np.nan
         metrics = {
             **{f"losses/{k}": v for k, v in zip(diagnostics, values)},
             "losses/explained_variance": values[n],
@@ -1532,7 +1554,8 @@ class Run:
             "charts/SPS": sps,
         }
         if recent:
-            ret = metrics["charts/episodic_return"] = float(np.mean([e[2] for e in recent]))
+            ret = float(np.mean([e[2] for e in recent]))
+            metrics["charts/episodic_return"] = ret
             metrics["charts/episodic_length"] = float(np.mean([e[3] for e in recent]))
         if not self.main:
             return
@@ -1542,41 +1565,44 @@ class Run:
         self.check_health(metrics, values[n + 1] > 0)
         live = sys.stderr.isatty()  # a line redrawn in place in a terminal, else (logs) a line every 5% of the steps
         if self.args.progress and (live or step >= self.next_line):
-            line = (
-                f"step {step:,}/{total:,} ({100 * step / total:.0f}%)  {sps:,.0f} steps/s  return {ret:.1f}  "
-                f"ETA {(total - step) / max(sps, 1e-9):.0f}s"
-            )
-            print(f"\r{line}\033[K" if live else line, end="" if live else "\n", file=sys.stderr, flush=True)
-            self.next_line, self.drawn = step + max(total // 20, 1), live
+            eta = (total - step) / max(sps, 1e-9)
+            line = f"step {step:,}/{total:,} ({100 * step / total:.0f}%)  {sps:,.0f} steps/s  return {ret:.1f}  "
+            line += f"ETA {eta:.0f}s"
+            if live:
+                print(f"\r{line}\033[K", end="", file=sys.stderr, flush=True)
+            else:
+                print(line, file=sys.stderr, flush=True)
+            self.next_line = step + max(total // 20, 1)
+            self.drawn = live
 
     def check_health(self, metrics: dict[str, float], returns_vary: bool) -> None:
         """PPO's instability signals, each a warning line the first time it goes bad."""
         # Explained variance is noisy from one batch to the next, and says little while returns barely vary.
-        self.recent_ev = (self.recent_ev + [metrics["losses/explained_variance"] if returns_vary else math.nan])[-20:]
+        self.recent_ev.append(metrics["losses/explained_variance"] if returns_vary else math.nan)
+        self.recent_ev = self.recent_ev[-20:]
         ev = float(np.nanmean(self.recent_ev)) if np.isfinite(self.recent_ev).sum() >= 10 else 0.0
-        kl, ess = metrics["losses/approx_kl"], metrics["losses/ess"]
+        kl = metrics["losses/approx_kl"]
+        ess = metrics["losses/ess"]
         late = self.iteration > self.args.num_iterations // 2
         kl_limit = 2 * self.args.target_kl if self.args.target_kl is not None else 0.05  # far above target (~0.01)
-        for kind, bad, message in [
-            (
-                "kl",
+        warnings = {
+            "kl": (
                 kl > kl_limit,
-                f"approx KL {kl:.3f} > {kl_limit:.3f}: the policy moves far per update; lower "
-                "--learning-rate or --update-epochs, or set --target-kl",
+                f"approx KL {kl:.3f} > {kl_limit:.3f}: the policy moves far per update; lower --learning-rate or "
+                "--update-epochs, or set --target-kl",
             ),
-            (
-                "ev",
+            "ev": (
                 late and ev < 0,
-                f"explained variance averaged {ev:.2f} < 0 over the last 20 updates: the "
-                "critic predicts returns worse than their mean, so advantages are mostly noise",
+                f"explained variance averaged {ev:.2f} < 0 over the last 20 updates: the critic predicts returns worse "
+                "than their mean, so advantages are mostly noise",
             ),
-            (
-                "ess",
+            "ess": (
                 ess < 0.5,
-                f"effective sample size fell to {ess:.2f} of the batch: a few samples dominate the "
-                "gradient; lower --learning-rate or --clip-coef",
+                f"effective sample size fell to {ess:.2f} of the batch: a few samples dominate the gradient; lower "
+                "--learning-rate or --clip-coef",
             ),
-        ]:
+        }
+        for kind, (bad, message) in warnings.items():
             if bad and kind not in self.warned:
                 self.warned.add(kind)
                 self.say(f"warning: {message} (at step {self.global_step}; shown once)")
@@ -1816,8 +1842,10 @@ def evaluate(
     load_weights(agent, data["model"], what)
     seed = EVAL_SEED_OFFSET + args.seed if seed is None else seed
     torch.manual_seed(seed)
-    returns, (next_obs, info) = [], envs.reset(seed=seed)
-    state, goes_on = torch.zeros((1, agent.state_size)), np.ones(1, bool)  # an LSTM's state, carried through episodes
+    returns = []
+    next_obs, info = envs.reset(seed=seed)
+    state = torch.zeros((1, agent.state_size))  # an LSTM's state, carried from step to step
+    goes_on = np.ones(1, bool)
     with torch.inference_mode():
         while len(returns) < episodes:
             action, state = agent.act(torch.as_tensor(next_obs, dtype=OBS_DTYPE), state, goes_on, deterministic)

@@ -285,7 +285,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             runner.event(f"{len(jobs) - len(todo)} of the {len(jobs)} runs already finished; not running them again")
         if todo:
             runner.event(
-                f"{len(todo)} run{'s' * (len(todo) > 1)} of {total:,} steps with {suite.script}.py, {min(n_jobs, len(todo))} at a time, "
+                f"{len(todo)} run{'s' * (len(todo) > 1)} of {total:,} steps with {suite.script}.py, "
+                f"{min(n_jobs, len(todo))} at a time, "
                 f"in {folder}"
             )
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops cleanly too

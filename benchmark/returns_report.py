@@ -220,7 +220,8 @@ def write_markdown(rows: list[dict], left_out: list[str], references: dict[str, 
     ]
     if rows:
         lines += [
-            "| env | seeds | final return | 95% t interval | reference | wall time (s) | steps/s | steps per run | total steps |",
+            "| env | seeds | final return | 95% t interval | reference | wall time (s) | steps/s | steps per run "
+            "| total steps |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:

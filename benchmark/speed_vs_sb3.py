@@ -283,7 +283,8 @@ def main(bench: Bench) -> None:
         f"{cfg['window']} episode returns >= {cfg['threshold']}\n"
     )
     print(
-        "| implementation | steps/s | whole run (s) | time to threshold (s) | steps to threshold | reached | final return |"
+        "| implementation | steps/s | whole run (s) | time to threshold (s) | steps to threshold | reached "
+        "| final return |"
     )
     print("|---|---|---|---|---|---|---|")
     fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
@@ -295,7 +296,8 @@ def main(bench: Bench) -> None:
     if bench.sb3:
         ours, sb3 = rows
         print(
-            f"\nours / SB3: {ours['sps'] / sb3['sps']:.2f}x steps/s, {sb3['wall'] / ours['wall']:.2f}x faster whole run",
+            f"\nours / SB3: {ours['sps'] / sb3['sps']:.2f}x steps/s, "
+            f"{sb3['wall'] / ours['wall']:.2f}x faster whole run",
             end="",
         )
         if ours["time_to_threshold"] and sb3["time_to_threshold"]:

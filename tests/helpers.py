@@ -115,8 +115,8 @@ N_OBS = 3
 class StrictMaskEnv(gym.Env):
     """Random action masks, and an error on any action the mask forbids: a run that trains on it without an error
     sampled only valid actions. Reward 1 for the lowest valid option of every dimension. empty_final: the final
-    observation of an episode allows no action, as a game over does. start: the actions start there (Discrete). Not strict:
-    any action is taken."""
+    observation of an episode allows no action, as a game over does. start: the actions start there (Discrete). Not
+    strict: any action is taken."""
 
     def __init__(
         self,

@@ -1,4 +1,5 @@
-"""ppo_atari.py's envs, on real ROMs: the preprocessing, FIRE, lost lives, the real score, the emulator in checkpoints."""
+"""ppo_atari.py's envs, on real ROMs: the preprocessing, FIRE, lost lives, the real score, the emulator in
+checkpoints."""
 
 import os
 import re

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import load, same_params, tiny_args
+from helpers import load, same_params, tiny
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -31,9 +31,9 @@ def as_if_saved_on_a_gpu(path: str, out: str) -> None:
 
 
 def test_a_checkpoint_and_an_agent_saved_on_a_gpu_load_on_a_machine_without_one(ppo, capsys):
-    batch = tiny_args(ppo).batch_size
-    straight = ppo.train(tiny_args(ppo, run_name="straight", total_timesteps=2 * batch))
-    ppo.train(tiny_args(ppo, checkpoint_every=1, save_model=True, total_timesteps=2 * batch), stop_at_step=batch)
+    batch = tiny(ppo).batch_size
+    straight = ppo.train(tiny(ppo, run_name="straight", total_timesteps=2 * batch))
+    ppo.train(tiny(ppo, checkpoint_every=1, save_model=True, total_timesteps=2 * batch), stop_at_step=batch)
     as_if_saved_on_a_gpu("runs/tiny/checkpoint.pt", "gpu-checkpoint.pt")
     as_if_saved_on_a_gpu("runs/tiny/agent.pt", "gpu-agent.pt")
     if not torch.cuda.is_available():  # the files do claim a GPU: read where they were written, they need one
@@ -79,7 +79,7 @@ class HostSyncs(TorchDispatchMode):
 
 def host_syncs(ppo, monkeypatch, num_minibatches: int, **kw) -> collections.Counter:
     """The host syncs of a tiny run of one update."""
-    args = tiny_args(ppo, run_name=f"syncs{num_minibatches}", num_minibatches=num_minibatches, **kw)
+    args = tiny(ppo, run_name=f"syncs{num_minibatches}", num_minibatches=num_minibatches, **kw)
     args.total_timesteps = args.batch_size
     mode = HostSyncs()
     with monkeypatch.context() as m:

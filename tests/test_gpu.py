@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, run_script, same_params, tiny_args, tiny_argv
+from helpers import ROOT, run_script, same_params, tiny, tiny_argv
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: these tests train on one")
 NO_GPU = "no CUDA GPU is available"  # the note of a run with --cuda that trains on the CPU
@@ -23,7 +23,7 @@ HIDDEN = 8
 
 def gpu_args(ppo, lstm=False, **kw):
     extra = dict(lstm=True, lstm_hidden_size=HIDDEN) if lstm else {}
-    return tiny_args(ppo, cuda=True, **extra, **kw)
+    return tiny(ppo, cuda=True, **extra, **kw)
 
 
 def on_the_gpu(result: dict) -> bool:
@@ -87,7 +87,7 @@ def test_training_on_the_gpu_replays_the_rollout_s_log_probs_and_values(ppo, mon
 def test_compiled_training_on_the_gpu():
     import ppo_atari
 
-    result = ppo_atari.train(gpu_args(ppo_atari, compile=True, total_timesteps=3 * tiny_args(ppo_atari).batch_size))
+    result = ppo_atari.train(gpu_args(ppo_atari, compile=True, total_timesteps=3 * tiny(ppo_atari).batch_size))
     assert on_the_gpu(result) and all(p.isfinite().all() for p in result["agent"].parameters())
 
 
@@ -95,7 +95,7 @@ def test_compiled_training_on_the_gpu():
 def test_the_same_seed_gives_the_same_parameters_on_the_gpu(ppo, lstm):
     # --torch-deterministic (the default) sets torch.backends.cudnn.deterministic: cuDNN picks deterministic
     # convolution algorithms, and no other kernel of these runs is known to vary (docs/speed.md says what is promised).
-    args = gpu_args(ppo, lstm, total_timesteps=2 * tiny_args(ppo).batch_size)
+    args = gpu_args(ppo, lstm, total_timesteps=2 * tiny(ppo).batch_size)
     assert args.torch_deterministic
     first = ppo.train(dataclasses.replace(args, run_name="first"))
     second = ppo.train(dataclasses.replace(args, run_name="second"))
@@ -112,7 +112,7 @@ def without_gpu() -> dict:
 
 
 def test_a_checkpoint_resumes_from_the_gpu_on_the_cpu_and_back_and_the_agent_evaluates_without_a_gpu(ppo):
-    script, batch = f"{ppo.__name__}.py", tiny_args(ppo).batch_size
+    script, batch = f"{ppo.__name__}.py", tiny(ppo).batch_size
     on_gpu = run_script(script, *tiny_argv(ppo, cuda=True, checkpoint_every=1, total_timesteps=batch))
     assert on_gpu.returncode == 0 and NO_GPU not in on_gpu.stderr, on_gpu.stderr[-3000:]
     # The checkpoint keeps --cuda; where no GPU is seen, the run goes on on the CPU with a note.
