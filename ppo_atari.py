@@ -1805,6 +1805,7 @@ EVAL_OPTIONS = {
     "capture_video",
     "env_id",
     "progress",
+    "cuda",  # --no-cuda only: evaluation plays on the CPU
 }
 
 
@@ -1875,6 +1876,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.world_size > 1:
                 raise UsageError("--eval-checkpoint plays in one process; run it with python, not torchrun")
             unused = sorted(given_options(argv) - EVAL_OPTIONS)
+            if args.cuda and "cuda" in given_options(argv):
+                unused.insert(0, "cuda")
             if unused:
                 raise UsageError(
                     f"{flag(unused[0])} is not used by --eval-checkpoint, which plays the saved agent with the "

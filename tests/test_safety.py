@@ -228,7 +228,7 @@ def test_options_that_evaluation_ignores_are_refused(capsys):
     import ppo_discrete
 
     path = saved_agent(ppo_discrete)
-    for option in (["--resume", path], ["--learning-rate", "0.1"], ["--no-anneal-lr"], ["--lstm"]):
+    for option in (["--resume", path], ["--learning-rate", "0.1"], ["--no-anneal-lr"], ["--lstm"], ["--cuda"]):
         expected = f"{option[0].replace('--no-', '--')} is not used by --eval-checkpoint"
         assert_bad_input(ppo_discrete.main, ["--eval-checkpoint", path, *option], expected, capsys)
 
