@@ -573,7 +573,9 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations)
 
             # --- rollout: no autograd bookkeeping; log-probs and values come with each forward pass ---
-            obs[0], valid[0], states[0] = obs[T], valid[T], states[T]
+            obs[0] = obs[T]  # it starts where the last one ended
+            valid[0] = valid[T]
+            states[0] = states[T]
             with torch.inference_mode():
                 for step in range(T):
                     with torch.autocast(**bf16):

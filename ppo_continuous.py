@@ -560,8 +560,10 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
             if args.anneal_lr:  # linearly to 0 over training (core detail 4)
                 optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - (iteration - 1.0) / args.num_iterations)
 
-            # --- rollout: the actor alone, no autograd bookkeeping ---
-            obs[0], valid[0], states[0] = obs[T], valid[T], states[T]
+            # --- rollout: the actor alone, no autograd bookkeeping; it starts where the last one ended ---
+            obs[0] = obs[T]
+            valid[0] = valid[T]
+            states[0] = states[T]
             with torch.inference_mode():
                 for step in range(T):
                     action, states[step + 1] = agent.act(obs[step], states[step], torch.from_numpy(valid[step]))
