@@ -398,12 +398,17 @@ def test_the_documented_example_env_trains_from_the_command_line_and_is_learned(
     section = doc_section("docs/usage.md", "## Train your own environment")
     module = re.search(r"`(\w+)\.py`", section).group(1)
     (in_tmp_dir / f"{module}.py").write_text(code_block(section, "python"))
-    command = code_block(section, "bash").split()
+    training, evaluation = code_block(section, "bash").strip().splitlines()
+    command = training.split()
     assert command[:2] == ["python", "ppo_discrete.py"] and f"{module}:" in " ".join(command)
     out = run_script("ppo_discrete.py", *command[2:], "--run-name", "own", "--no-progress")
     assert out.returncode == 0, out.stderr
     returns = [float(row.split(",")[2]) for row in open("runs/own/episodes.csv").read().splitlines()[1:]]
     assert np.mean(returns[-20:]) > 0.9  # the corridor is walked to its end (the best return is 0.94)
+    # The saved agent evaluates as documented, the module named by the user.
+    command = evaluation.split("#")[0].replace("runs/<run>", "runs/own").split()
+    out = run_script("ppo_discrete.py", *command[2:], "--eval-episodes", "3", "--eval-deterministic")
+    assert out.returncode == 0 and "return 0.94" in out.stdout, out.stderr
 
 
 def test_atari_accepts_a_module_that_registers_an_ale_game(in_tmp_dir):
