@@ -134,6 +134,11 @@ class Args:
     """put an LSTM between the observations and the heads (a recurrent policy, for partially observed envs)"""
     lstm_hidden_size: int = 128
     """units of the LSTM (with --lstm)"""
+    scale_rewards: bool = False
+    """divide rewards by the running std of the discounted return (as ppo_continuous.py always does)"""
+    lstm_critic: typing.Literal["detached", "shared", "separate"] = "detached"
+    """what the critic reads with --lstm: the LSTM's output detached (the policy loss alone trains it), the same output
+    (both losses train it), or an LSTM of its own"""
 
     # --- sizes derived from the options above, in one place ---
     @property
@@ -201,6 +206,8 @@ def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym
         # One after another in this process, or each in a process of its own (--async-envs).
         envs = vector_env(recipes, args.async_envs)
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
+    if args.scale_rewards:
+        envs = ScaleReward(envs, gamma=args.gamma)
     space = envs.single_action_space
     if np.any(getattr(space, "start", 0)):  # Discrete(n, start=s): the agent picks 0..n-1, the env gets s..s+n-1
         from_zero = gym.spaces.Discrete(space.n) if space.shape == () else gym.spaces.MultiDiscrete(space.nvec)
@@ -294,14 +301,17 @@ class Agent(nn.Module):
     the state passes through untouched, and sequences are batches like any other.
     """
 
-    def __init__(self, envs: gym.vector.VectorEnv, lstm_size: int = 0):
+    def __init__(self, envs: gym.vector.VectorEnv, lstm_size: int = 0, lstm_critic: str = "detached"):
         super().__init__()
         self.nvec = choices(envs.single_action_space)
         self.multi = not isinstance(envs.single_action_space, gym.spaces.Discrete)
         self.mask_size = getattr(envs, "mask_size", 0)  # the action mask's entries at the end of the observation
         obs_dim = envs.single_observation_space.shape[0] - self.mask_size
         self.lstm = lstm_init(nn.LSTM(obs_dim, lstm_size)) if lstm_size else None
-        self.state_size = 2 * lstm_size  # h and c side by side
+        separate = lstm_size and lstm_critic == "separate"
+        self.critic_lstm = lstm_init(nn.LSTM(obs_dim, lstm_size)) if separate else None
+        self.detach = lstm_critic == "detached"
+        self.state_size = (4 if separate else 2) * lstm_size  # h and c side by side, the critic's after the actor's
         features = lstm_size or obs_dim
         self.critic = nn.Sequential(
             layer_init(nn.Linear(features, 64)),
@@ -320,10 +330,18 @@ class Agent(nn.Module):
         )
 
     def forward(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None, goes_on=True):
-        """What the heads read (the observation without its action mask; with --lstm, the LSTM's output) and the next
-        state."""
+        """What the actor and the critic read (the observation without its action mask; with --lstm, the LSTMs'
+        outputs) and the next state."""
         x = obs[..., : -self.mask_size] if self.mask_size else obs
-        return (x, state) if self.lstm is None else recur(self.lstm, x, state, goes_on)
+        if self.lstm is None:
+            return x, x, state
+        if self.critic_lstm is None:
+            out, state = recur(self.lstm, x, state, goes_on)
+            return out, out, state
+        actor_state, critic_state = state.chunk(2, -1)
+        out, actor_state = recur(self.lstm, x, actor_state, goes_on)
+        critic_out, critic_state = recur(self.critic_lstm, x, critic_state, goes_on)
+        return out, critic_out, torch.cat([actor_state, critic_state], -1)
 
     def logits(self, x: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         """(B, n) for a Discrete action; (B, dims, most options) otherwise, padded with impossible options."""
@@ -342,12 +360,12 @@ class Agent(nn.Module):
         return torch.stack([F.pad(part, (0, widest - n), value=-1e8) for part, n in parts], -2)
 
     def get_value(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.critic(self(obs, state)[0]).squeeze(-1)
+        return self.critic(self(obs, state)[1]).squeeze(-1)
 
     def act(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None, goes_on=True, deterministic: bool = False):
         """The rollout's only forward pass. Its log-probs and values are computed afterwards in one batched
         call (the parameters do not change during a rollout)."""
-        x, state = self(obs, state, goes_on)
+        x, critic_x, state = self(obs, state, goes_on)
         logits = self.logits(x, obs)
         action = logits.argmax(-1) if deterministic else sample(logits)
         return action, state
@@ -359,7 +377,7 @@ class Agent(nn.Module):
         state: Optional[torch.Tensor] = None,
         goes_on=True,
     ):
-        x, state = self(obs, state, goes_on)
+        x, critic_x, state = self(obs, state, goes_on)
         logits = self.logits(x, obs)
         if action is None:
             action = sample(logits)
@@ -368,9 +386,9 @@ class Agent(nn.Module):
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         if self.multi:  # independent dimensions: log-probs and entropies add up (the MultiDiscrete detail)
             logp, entropy = logp.sum(-1), entropy.sum(-1)
-        # The critic reads the LSTM's output detached: value-loss gradients through the shared memory stopped learning
-        # altogether (docs/recurrent.md). Without --lstm, x is the observation, and detach() changes nothing.
-        return action, logp, entropy, self.critic(x.detach()).squeeze(-1), state
+        if self.detach:  # the critic reads the LSTM's output without training it; without --lstm, nothing changes
+            critic_x = critic_x.detach()
+        return action, logp, entropy, self.critic(critic_x).squeeze(-1), state
 
 
 # --- Generalized Advantage Estimation -----------------------------------------------------------------------
@@ -540,7 +558,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
     with Run(args, stop_at_step) as run:  # checks the options, joins torchrun, seeds the random streams
         device = run.device
         envs = make_envs(args, args.num_envs, run.video_dir)
-        agent = Agent(envs, args.lstm_hidden_size if args.lstm else 0).to(device)
+        agent = Agent(envs, args.lstm_hidden_size if args.lstm else 0, args.lstm_critic).to(device)
         # Listed once: walking the module tree costs about 0.1 ms, paid twice per minibatch otherwise.
         params = list(agent.parameters())
         # Adam eps 1e-5 (core detail 3) instead of torch's 1e-8; the fused kernel does the whole step in one call.
@@ -793,6 +811,23 @@ def env_stats(envs: gym.vector.VectorEnv) -> dict:
 
 def load_env_stats(envs: gym.vector.VectorEnv, stats: dict) -> None:
     """Use a saved agent's env statistics, frozen, in new envs: nothing to do here."""
+
+
+class ScaleReward(gym.wrappers.vector.NormalizeReward):
+    """gymnasium's reward scaling, in the order of the reference implementation (baselines' VecNormalize): each step
+    adds the reward to the discounted return and updates its statistics, then every episode end, a cut as well as a
+    termination, starts the return at 0. (gymnasium's own drops the return at a termination one step early and
+    carries it through cuts.) The step after an episode's end only resets its env and adds nothing."""
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        active = ~self._prev_dones.astype(bool)
+        self.accumulated_reward[active] = self.accumulated_reward[active] * self.gamma + reward[active]
+        if self._update_running_mean and active.any():
+            self.return_rms.update(self.accumulated_reward[active])
+        self._prev_dones = (terminated | truncated).astype(np.float32)
+        self.accumulated_reward[terminated | truncated] = 0.0
+        return obs, reward / np.sqrt(self.return_rms.var + self.epsilon), terminated, truncated, info
 
 
 def life_lost(before: dict, after: dict) -> np.ndarray:

@@ -159,6 +159,7 @@ def run_sb3(env_id: str, seed: int, total: int, h: dict) -> dict:
     from sb3_contrib import RecurrentPPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
 
     torch.set_num_threads(1)  # as ours (--torch-threads 1)
     os.chdir(tempfile.mkdtemp())
@@ -175,11 +176,17 @@ def run_sb3(env_id: str, seed: int, total: int, h: dict) -> dict:
     h, lr = dict(h), h["learning_rate"]
     h.pop("learning_rate")
     policy_kwargs = dict(
-        net_arch=dict(pi=[64, 64], vf=[64, 64]), activation_fn=torch.nn.Tanh, lstm_hidden_size=h.pop("lstm_hidden_size")
+        net_arch=dict(pi=[64, 64], vf=[64, 64]),
+        activation_fn=torch.nn.Tanh,
+        lstm_hidden_size=h.pop("lstm_hidden_size"),
+        **h.pop("policy", {}),  # which LSTM the critic reads (enable_critic_lstm, shared_lstm)
     )
+    envs = make_vec_env(env_id, n_envs=h.pop("n_envs"), seed=seed)
+    if "normalize" in h:  # VecNormalize's options, where ours scales rewards; episode returns stay the env's own
+        envs = VecNormalize(envs, gamma=h["gamma"], **h.pop("normalize"))
     model = RecurrentPPO(
         "MlpLstmPolicy",
-        make_vec_env(env_id, n_envs=h.pop("n_envs"), seed=seed),
+        envs,
         learning_rate=lambda remaining: lr * remaining,
         seed=seed,
         device="cpu",

@@ -100,20 +100,33 @@ def test_the_state_starts_at_zero_in_training_evaluation_and_a_resume_with_new_e
     assert not steps[0][0].any()
 
 
-def test_the_lstm_learns_from_the_policy_loss_alone_but_in_atari(ppo):
-    # ppo_discrete.py and ppo_continuous.py: the critic reads the LSTM's output detached. ppo_atari.py, as the
-    # reference's ppo_atari_lstm.py: the value loss trains the LSTM (and the CNN) too.
+CRITICS = ["detached", "shared", "separate"]  # --lstm-critic in ppo_discrete.py and ppo_continuous.py
+# What each loss trains: {critic: (LSTMs the policy loss trains, LSTMs the value loss trains)}.
+TRAINED_BY = {"detached": ({"lstm"}, set()), "shared": ({"lstm"}, {"lstm"}), "separate": ({"lstm"}, {"critic_lstm"})}
+
+
+@pytest.mark.parametrize(
+    "script, critic", [(s, c) for s in ("ppo_discrete", "ppo_continuous") for c in CRITICS] + [("ppo_atari", "shared")]
+)
+def test_each_loss_trains_only_the_lstms_its_head_reads(script, critic):
+    # detached: the critic reads the LSTM's output without training it; shared: both losses train the one LSTM
+    # (ppo_atari.py, as the reference's ppo_atari_lstm.py); separate: the critic reads an LSTM of its own, which the
+    # value loss alone trains, while the policy loss alone trains the actor's.
+    ppo = importlib.import_module(script)
     torch.manual_seed(0)
-    atari = ppo.__name__ == "ppo_atari"
-    agent = ppo.Agent(small_envs(ppo), HIDDEN)
+    atari = script == "ppo_atari"
+    agent = ppo.Agent(small_envs(ppo), HIDDEN) if atari else ppo.Agent(small_envs(ppo), HIDDEN, critic)
+    assert agent.state_size == (4 if critic == "separate" else 2) * HIDDEN
     obs = torch.randint(0, 256, (6, 3, 1, 84, 84), dtype=torch.uint8) if atari else torch.randn(6, 3, 5)
-    state, goes_on = torch.randn(3, 2 * HIDDEN), torch.ones(6, 3, dtype=torch.bool)
-    for part in ("policy", "value"):
+    state, goes_on = torch.randn(3, agent.state_size), torch.ones(6, 3, dtype=torch.bool)
+    lstms = {name: getattr(agent, name) for name in ("lstm", "critic_lstm") if getattr(agent, name, None) is not None}
+    for part, trained in zip(("policy", "value"), TRAINED_BY[critic]):
         agent.zero_grad()
         _, logp, _, value, _ = agent.get_action_and_value(obs, None, state, goes_on)
         (logp.sum() if part == "policy" else value.sum()).backward()
-        moved = [p.grad is not None and p.grad.abs().sum() > 0 for p in agent.lstm.parameters()]
-        assert all(moved) if part == "policy" or atari else not any(moved), part
+        for name, lstm in lstms.items():
+            moved = [p.grad is not None and p.grad.abs().sum() > 0 for p in lstm.parameters()]
+            assert all(moved) if name in trained else not any(moved), (part, name)
 
 
 # ----------------------------------------------------------------------------------------------------
