@@ -141,9 +141,6 @@ class Args:
     """put an LSTM between the observations and the heads (a recurrent policy, for partially observed envs)"""
     lstm_hidden_size: int = 128
     """units of the LSTM (with --lstm)"""
-    lstm_critic: typing.Literal["detached", "shared", "separate"] = "detached"
-    """what the critic reads with --lstm: the LSTM's output detached (the policy loss alone trains it), the same output
-    (both losses train it), or an LSTM of its own"""
     clip_obs: float = 10.0
     """normalized observations are clipped to [-clip_obs, clip_obs]"""
     clip_reward: float = 10.0
@@ -290,7 +287,7 @@ class Agent(nn.Module):
     """Separate actor and critic MLPs (64-64 tanh; core detail 13, continuous detail 4). The policy is a normal
     distribution (continuous detail 1) whose log std is a learned vector that does not depend on the state
     (continuous detail 2), with independent action components (continuous detail 3). With --lstm, one LSTM below both
-    MLPs, which the policy loss alone trains. obs is (B, *observation shape); an action (B, action dims).
+    MLPs, which both losses train. obs is (B, *observation shape); an action (B, action dims).
 
     What train() and evaluate() call, the same in all three scripts (keep it when you swap the network):
         act(obs, state=None, goes_on=True, deterministic=False) -> (action, state): a sample of the policy, or its
@@ -306,15 +303,12 @@ class Agent(nn.Module):
     the state passes through untouched, and sequences are batches like any other.
     """
 
-    def __init__(self, envs: gym.vector.VectorEnv, lstm_size: int = 0, lstm_critic: str = "detached"):
+    def __init__(self, envs: gym.vector.VectorEnv, lstm_size: int = 0):
         super().__init__()
         obs_dim = envs.single_observation_space.shape[0]
         act_dim = envs.single_action_space.shape[0]
         self.lstm = lstm_init(nn.LSTM(obs_dim, lstm_size)) if lstm_size else None
-        separate = lstm_size and lstm_critic == "separate"
-        self.critic_lstm = lstm_init(nn.LSTM(obs_dim, lstm_size)) if separate else None
-        self.detach = lstm_critic == "detached"
-        self.state_size = (4 if separate else 2) * lstm_size  # h and c side by side, the critic's after the actor's
+        self.state_size = 2 * lstm_size  # h and c side by side
         features = lstm_size or obs_dim
         self.critic = nn.Sequential(
             layer_init(nn.Linear(features, 64)),
@@ -334,24 +328,16 @@ class Agent(nn.Module):
         self.actor_logstd = nn.Parameter(torch.zeros(1, act_dim))
 
     def forward(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None, goes_on=True):
-        """What the actor and the critic read (the observation; with --lstm, the LSTMs' outputs) and the next state."""
-        if self.lstm is None:
-            return obs, obs, state
-        if self.critic_lstm is None:
-            out, state = recur(self.lstm, obs, state, goes_on)
-            return out, out, state
-        actor_state, critic_state = state.chunk(2, -1)
-        out, actor_state = recur(self.lstm, obs, actor_state, goes_on)
-        critic_out, critic_state = recur(self.critic_lstm, obs, critic_state, goes_on)
-        return out, critic_out, torch.cat([actor_state, critic_state], -1)
+        """What the heads read (the observation; with --lstm, the LSTM's output) and the next state."""
+        return (obs, state) if self.lstm is None else recur(self.lstm, obs, state, goes_on)
 
     def get_value(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.critic(self(obs, state)[1]).squeeze(-1)
+        return self.critic(self(obs, state)[0]).squeeze(-1)
 
     def act(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None, goes_on=True, deterministic: bool = False):
         """The rollout's only forward pass. Its log-probs and values are computed afterwards in one batched
         call (the parameters do not change during a rollout)."""
-        x, critic_x, state = self(obs, state, goes_on)
+        x, state = self(obs, state, goes_on)
         mean = self.actor_mean(x)
         action = mean if deterministic else mean + self.actor_logstd.exp() * torch.randn_like(mean)
         return action, state
@@ -363,7 +349,7 @@ class Agent(nn.Module):
         state: Optional[torch.Tensor] = None,
         goes_on=True,
     ):
-        x, critic_x, state = self(obs, state, goes_on)
+        x, state = self(obs, state, goes_on)
         mean = self.actor_mean(x)
         logstd = self.actor_logstd.expand_as(mean)
         if action is None:  # a sample is a fixed point: its log-prob's gradient must not flow through it
@@ -372,9 +358,7 @@ class Agent(nn.Module):
         # are independent, so log-probs and entropies add up over them.
         logp = (-0.5 * ((action - mean) / logstd.exp()) ** 2 - logstd - 0.5 * math.log(2 * math.pi)).sum(-1)
         entropy = (0.5 + 0.5 * math.log(2 * math.pi) + logstd).sum(-1)
-        if self.detach:  # the critic reads the LSTM's output without training it; without --lstm, nothing changes
-            critic_x = critic_x.detach()
-        return action, logp, entropy, self.critic(critic_x).squeeze(-1), state
+        return action, logp, entropy, self.critic(x).squeeze(-1), state
 
 
 # --- Generalized Advantage Estimation -----------------------------------------------------------------------
@@ -544,7 +528,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
     with Run(args, stop_at_step) as run:  # checks the options, joins torchrun, seeds the random streams
         device = run.device
         envs = make_envs(args, args.num_envs, run.video_dir)
-        agent = Agent(envs, args.lstm_hidden_size if args.lstm else 0, args.lstm_critic).to(device)
+        agent = Agent(envs, args.lstm_hidden_size if args.lstm else 0).to(device)
         # Listed once: walking the module tree costs about 0.1 ms, paid twice per minibatch otherwise.
         params = list(agent.parameters())
         # Adam eps 1e-5 (core detail 3) instead of torch's 1e-8; the fused kernel does the whole step in one call.

@@ -131,14 +131,10 @@ class Args:
     target_kl: Optional[float] = None
     """stop the update epochs early when the mean approx KL of an epoch exceeds this (default: off)"""
     lstm: bool = False
-    """put an LSTM between the observations and the heads (a recurrent policy, for partially observed envs)"""
+    """put an LSTM between the observations and the heads (a recurrent policy, for partially observed envs); both
+    losses train it, and rewards are scaled (divided by the running std of the discounted return)"""
     lstm_hidden_size: int = 128
     """units of the LSTM (with --lstm)"""
-    scale_rewards: bool = False
-    """divide rewards by the running std of the discounted return (as ppo_continuous.py always does)"""
-    lstm_critic: typing.Literal["detached", "shared", "separate"] = "detached"
-    """what the critic reads with --lstm: the LSTM's output detached (the policy loss alone trains it), the same output
-    (both losses train it), or an LSTM of its own"""
 
     # --- sizes derived from the options above, in one place ---
     @property
@@ -183,8 +179,8 @@ def make_env(env_id: str, idx: int, video_dir: Optional[str] = None) -> Callable
 
 
 def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym.vector.VectorEnv:
-    """num_envs envs stepped as one batch (core detail 1), with episode statistics, and the env's action masks
-    appended to the observations when it gives any.
+    """num_envs envs stepped as one batch (core detail 1), with episode statistics, reward scaling with --lstm, and the
+    env's action masks appended to the observations when it gives any.
 
     A gymnasium vector env resets an env on the step after its episode ended (reward 0, action ignored): the training
     loop never trains on that step, and the observation returned when an episode ends is its true final one, which
@@ -206,7 +202,9 @@ def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym
         # One after another in this process, or each in a process of its own (--async-envs).
         envs = vector_env(recipes, args.async_envs)
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
-    if args.scale_rewards:
+    if args.lstm:
+        # The value loss trains the LSTM too: on returns of hundreds it would drown what the policy loss teaches it
+        # (docs/recurrent.md). Rewards divided by the running std of the discounted return, as ppo_continuous.py does.
         envs = ScaleReward(envs, gamma=args.gamma)
     space = envs.single_action_space
     if np.any(getattr(space, "start", 0)):  # Discrete(n, start=s): the agent picks 0..n-1, the env gets s..s+n-1
@@ -284,8 +282,8 @@ class Agent(nn.Module):
     """Separate actor and critic MLPs (64-64 tanh; core detail 13): the policy loss cannot disturb the critic. A
     Discrete action is one categorical distribution; MultiDiscrete and MultiBinary actions one per dimension,
     independent, so log-probs and entropies add up (the MultiDiscrete detail). Actions an env's mask forbids
-    (ActionMasks appends it to the observation) get probability 0. With --lstm, one LSTM below both MLPs, which the
-    policy loss alone trains. obs is (B, *observation shape); an action (B,) for Discrete, (B, dims) otherwise.
+    (ActionMasks appends it to the observation) get probability 0. With --lstm, one LSTM below both MLPs, which both
+    losses train (with scaled rewards, make_envs). obs is (B, *observation shape); an action (B,) for Discrete, (B, dims) otherwise.
 
     What train() and evaluate() call, the same in all three scripts (keep it when you swap the network):
         act(obs, state=None, goes_on=True, deterministic=False) -> (action, state): a sample of the policy, or its
@@ -301,17 +299,14 @@ class Agent(nn.Module):
     the state passes through untouched, and sequences are batches like any other.
     """
 
-    def __init__(self, envs: gym.vector.VectorEnv, lstm_size: int = 0, lstm_critic: str = "detached"):
+    def __init__(self, envs: gym.vector.VectorEnv, lstm_size: int = 0):
         super().__init__()
         self.nvec = choices(envs.single_action_space)
         self.multi = not isinstance(envs.single_action_space, gym.spaces.Discrete)
         self.mask_size = getattr(envs, "mask_size", 0)  # the action mask's entries at the end of the observation
         obs_dim = envs.single_observation_space.shape[0] - self.mask_size
         self.lstm = lstm_init(nn.LSTM(obs_dim, lstm_size)) if lstm_size else None
-        separate = lstm_size and lstm_critic == "separate"
-        self.critic_lstm = lstm_init(nn.LSTM(obs_dim, lstm_size)) if separate else None
-        self.detach = lstm_critic == "detached"
-        self.state_size = (4 if separate else 2) * lstm_size  # h and c side by side, the critic's after the actor's
+        self.state_size = 2 * lstm_size  # h and c side by side
         features = lstm_size or obs_dim
         self.critic = nn.Sequential(
             layer_init(nn.Linear(features, 64)),
@@ -330,18 +325,10 @@ class Agent(nn.Module):
         )
 
     def forward(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None, goes_on=True):
-        """What the actor and the critic read (the observation without its action mask; with --lstm, the LSTMs'
-        outputs) and the next state."""
+        """What the heads read (the observation without its action mask; with --lstm, the LSTM's output) and the next
+        state."""
         x = obs[..., : -self.mask_size] if self.mask_size else obs
-        if self.lstm is None:
-            return x, x, state
-        if self.critic_lstm is None:
-            out, state = recur(self.lstm, x, state, goes_on)
-            return out, out, state
-        actor_state, critic_state = state.chunk(2, -1)
-        out, actor_state = recur(self.lstm, x, actor_state, goes_on)
-        critic_out, critic_state = recur(self.critic_lstm, x, critic_state, goes_on)
-        return out, critic_out, torch.cat([actor_state, critic_state], -1)
+        return (x, state) if self.lstm is None else recur(self.lstm, x, state, goes_on)
 
     def logits(self, x: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         """(B, n) for a Discrete action; (B, dims, most options) otherwise, padded with impossible options."""
@@ -360,12 +347,12 @@ class Agent(nn.Module):
         return torch.stack([F.pad(part, (0, widest - n), value=-1e8) for part, n in parts], -2)
 
     def get_value(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.critic(self(obs, state)[1]).squeeze(-1)
+        return self.critic(self(obs, state)[0]).squeeze(-1)
 
     def act(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None, goes_on=True, deterministic: bool = False):
         """The rollout's only forward pass. Its log-probs and values are computed afterwards in one batched
         call (the parameters do not change during a rollout)."""
-        x, critic_x, state = self(obs, state, goes_on)
+        x, state = self(obs, state, goes_on)
         logits = self.logits(x, obs)
         action = logits.argmax(-1) if deterministic else sample(logits)
         return action, state
@@ -377,7 +364,7 @@ class Agent(nn.Module):
         state: Optional[torch.Tensor] = None,
         goes_on=True,
     ):
-        x, critic_x, state = self(obs, state, goes_on)
+        x, state = self(obs, state, goes_on)
         logits = self.logits(x, obs)
         if action is None:
             action = sample(logits)
@@ -386,9 +373,7 @@ class Agent(nn.Module):
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         if self.multi:  # independent dimensions: log-probs and entropies add up (the MultiDiscrete detail)
             logp, entropy = logp.sum(-1), entropy.sum(-1)
-        if self.detach:  # the critic reads the LSTM's output without training it; without --lstm, nothing changes
-            critic_x = critic_x.detach()
-        return action, logp, entropy, self.critic(critic_x).squeeze(-1), state
+        return action, logp, entropy, self.critic(x).squeeze(-1), state
 
 
 # --- Generalized Advantage Estimation -----------------------------------------------------------------------
@@ -558,7 +543,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
     with Run(args, stop_at_step) as run:  # checks the options, joins torchrun, seeds the random streams
         device = run.device
         envs = make_envs(args, args.num_envs, run.video_dir)
-        agent = Agent(envs, args.lstm_hidden_size if args.lstm else 0, args.lstm_critic).to(device)
+        agent = Agent(envs, args.lstm_hidden_size if args.lstm else 0).to(device)
         # Listed once: walking the module tree costs about 0.1 ms, paid twice per minibatch otherwise.
         params = list(agent.parameters())
         # Adam eps 1e-5 (core detail 3) instead of torch's 1e-8; the fused kernel does the whole step in one call.
