@@ -287,7 +287,7 @@ class Agent(nn.Module):
     """Separate actor and critic MLPs (64-64 tanh; core detail 13, continuous detail 4). The policy is a normal
     distribution (continuous detail 1) whose log std is a learned vector that does not depend on the state
     (continuous detail 2), with independent action components (continuous detail 3). With --lstm, one LSTM below both
-    MLPs, which the policy loss alone trains. obs is (B, *observation shape); an action (B, action dims).
+    MLPs, which both losses train. obs is (B, *observation shape); an action (B, action dims).
 
     What train() and evaluate() call, the same in all three scripts (keep it when you swap the network):
         act(obs, state=None, goes_on=True, deterministic=False) -> (action, state): a sample of the policy, or its
@@ -358,9 +358,7 @@ class Agent(nn.Module):
         # are independent, so log-probs and entropies add up over them.
         logp = (-0.5 * ((action - mean) / logstd.exp()) ** 2 - logstd - 0.5 * math.log(2 * math.pi)).sum(-1)
         entropy = (0.5 + 0.5 * math.log(2 * math.pi) + logstd).sum(-1)
-        # The critic reads the LSTM's output detached: value-loss gradients through the shared memory stopped learning
-        # altogether (docs/recurrent.md). Without --lstm, x is the observation, and detach() changes nothing.
-        return action, logp, entropy, self.critic(x.detach()).squeeze(-1), state
+        return action, logp, entropy, self.critic(x).squeeze(-1), state
 
 
 # --- Generalized Advantage Estimation -----------------------------------------------------------------------

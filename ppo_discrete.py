@@ -131,7 +131,8 @@ class Args:
     target_kl: Optional[float] = None
     """stop the update epochs early when the mean approx KL of an epoch exceeds this (default: off)"""
     lstm: bool = False
-    """put an LSTM between the observations and the heads (a recurrent policy, for partially observed envs)"""
+    """put an LSTM between the observations and the heads (a recurrent policy, for partially observed envs); both
+    losses train it, and rewards are scaled (divided by the running std of the discounted return)"""
     lstm_hidden_size: int = 128
     """units of the LSTM (with --lstm)"""
 
@@ -178,8 +179,8 @@ def make_env(env_id: str, idx: int, video_dir: Optional[str] = None) -> Callable
 
 
 def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym.vector.VectorEnv:
-    """num_envs envs stepped as one batch (core detail 1), with episode statistics, and the env's action masks
-    appended to the observations when it gives any.
+    """num_envs envs stepped as one batch (core detail 1), with episode statistics, reward scaling with --lstm, and the
+    env's action masks appended to the observations when it gives any.
 
     A gymnasium vector env resets an env on the step after its episode ended (reward 0, action ignored): the training
     loop never trains on that step, and the observation returned when an episode ends is its true final one, which
@@ -201,6 +202,10 @@ def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym
         # One after another in this process, or each in a process of its own (--async-envs).
         envs = vector_env(recipes, args.async_envs)
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
+    if args.lstm:
+        # The value loss trains the LSTM too: on returns of hundreds it would drown what the policy loss teaches it
+        # (docs/recurrent.md). Rewards divided by the running std of the discounted return, as ppo_continuous.py does.
+        envs = ScaleReward(envs, gamma=args.gamma)
     space = envs.single_action_space
     if np.any(getattr(space, "start", 0)):  # Discrete(n, start=s): the agent picks 0..n-1, the env gets s..s+n-1
         from_zero = gym.spaces.Discrete(space.n) if space.shape == () else gym.spaces.MultiDiscrete(space.nvec)
@@ -277,8 +282,8 @@ class Agent(nn.Module):
     """Separate actor and critic MLPs (64-64 tanh; core detail 13): the policy loss cannot disturb the critic. A
     Discrete action is one categorical distribution; MultiDiscrete and MultiBinary actions one per dimension,
     independent, so log-probs and entropies add up (the MultiDiscrete detail). Actions an env's mask forbids
-    (ActionMasks appends it to the observation) get probability 0. With --lstm, one LSTM below both MLPs, which the
-    policy loss alone trains. obs is (B, *observation shape); an action (B,) for Discrete, (B, dims) otherwise.
+    (ActionMasks appends it to the observation) get probability 0. With --lstm, one LSTM below both MLPs, which both
+    losses train (with scaled rewards, make_envs). obs is (B, *observation shape); an action (B,) for Discrete, (B, dims) otherwise.
 
     What train() and evaluate() call, the same in all three scripts (keep it when you swap the network):
         act(obs, state=None, goes_on=True, deterministic=False) -> (action, state): a sample of the policy, or its
@@ -368,9 +373,7 @@ class Agent(nn.Module):
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         if self.multi:  # independent dimensions: log-probs and entropies add up (the MultiDiscrete detail)
             logp, entropy = logp.sum(-1), entropy.sum(-1)
-        # The critic reads the LSTM's output detached: value-loss gradients through the shared memory stopped learning
-        # altogether (docs/recurrent.md). Without --lstm, x is the observation, and detach() changes nothing.
-        return action, logp, entropy, self.critic(x.detach()).squeeze(-1), state
+        return action, logp, entropy, self.critic(x).squeeze(-1), state
 
 
 # --- Generalized Advantage Estimation -----------------------------------------------------------------------
@@ -795,6 +798,23 @@ def env_stats(envs: gym.vector.VectorEnv) -> dict:
 
 def load_env_stats(envs: gym.vector.VectorEnv, stats: dict) -> None:
     """Use a saved agent's env statistics, frozen, in new envs: nothing to do here."""
+
+
+class ScaleReward(gym.wrappers.vector.NormalizeReward):
+    """gymnasium's reward scaling, in the order of the reference implementation (baselines' VecNormalize): each step
+    adds the reward to the discounted return and updates its statistics, then every episode end, a cut as well as a
+    termination, starts the return at 0. (gymnasium's own drops the return at a termination one step early and
+    carries it through cuts.) The step after an episode's end only resets its env and adds nothing."""
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        active = ~self._prev_dones.astype(bool)
+        self.accumulated_reward[active] = self.accumulated_reward[active] * self.gamma + reward[active]
+        if self._update_running_mean and active.any():
+            self.return_rms.update(self.accumulated_reward[active])
+        self._prev_dones = (terminated | truncated).astype(np.float32)
+        self.accumulated_reward[terminated | truncated] = 0.0
+        return obs, reward / np.sqrt(self.return_rms.var + self.epsilon), terminated, truncated, info
 
 
 def life_lost(before: dict, after: dict) -> np.ndarray:

@@ -8,6 +8,8 @@ Parts:
   cartpole  CartPoleNoVel-v1 (CartPole-v1 showing cart position and pole angle, not their velocities), 300k steps:
             ppo_discrete.py --lstm, ppo_discrete.py, and RecurrentPPO (MlpLstmPolicy), one right after the other
             for each seed.
+  cartpole-tuned  CartPoleNoVel-v1, 300k steps, RL Zoo's tuned RecurrentPPO settings (TUNED) on ppo_discrete.py
+            --lstm, and RecurrentPPO with the same settings where they map, one right after the other for each seed.
   pendulum  InvertedPendulumNoVel-v5 (InvertedPendulum-v5 without its velocities), 300k steps: ppo_continuous.py
             --lstm and without.
   breakout  BreakoutNoFrameskip-v4, seed 1, 262,144 steps (the README's feedforward run): ppo_atari.py --lstm
@@ -61,6 +63,21 @@ def register_envs() -> None:
 
 register_envs()
 
+# RL Zoo's tuned RecurrentPPO settings for CartPoleNoVel-v1 as ppo_discrete.py's options: 8 envs x 32 steps, one
+# minibatch, 20 epochs, lr 1e-3 annealed, gamma 0.98, lambda 0.8, no entropy bonus, LSTM 64, no value clipping.
+TUNED = dict(
+    num_envs=8,
+    num_steps=32,
+    num_minibatches=1,
+    update_epochs=20,
+    learning_rate=1e-3,
+    gamma=0.98,
+    gae_lambda=0.8,
+    ent_coef=0.0,
+    lstm_hidden_size=64,
+    clip_vloss=False,
+)
+
 # The runs of each part: (name, worker, env, options). "ours": the script's defaults plus the options.
 PARTS = {
     "cartpole": dict(
@@ -93,6 +110,36 @@ PARTS = {
             ),
         ],
     ),
+    # RL Zoo's tuned RecurrentPPO settings for CartPoleNoVel-v1, mapped onto ppo_discrete.py (which scales rewards with
+    # --lstm, as VecNormalize does; the Zoo's observation normalization, clip annealing, [64] ReLU heads and critic
+    # LSTM do not map). RecurrentPPO gets the same settings, its reward normalization, and its own critic LSTM.
+    "cartpole-tuned": dict(
+        env_id="CartPoleNoVel-v1",
+        total_timesteps=300_000,
+        runs=[
+            ("ppo_discrete.py --lstm, RL Zoo's settings", "ours", dict(script="ppo_discrete", lstm=True, **TUNED)),
+            (
+                "RecurrentPPO (sb3-contrib), the same settings",
+                "sb3",
+                dict(
+                    n_envs=8,
+                    n_steps=32,
+                    batch_size=256,
+                    n_epochs=20,
+                    learning_rate=1e-3,
+                    gamma=0.98,
+                    gae_lambda=0.8,
+                    clip_range=0.2,
+                    clip_range_vf=None,
+                    ent_coef=0.0,
+                    vf_coef=0.5,
+                    max_grad_norm=0.5,
+                    lstm_hidden_size=64,
+                    normalize=dict(norm_obs=False, norm_reward=True),
+                ),
+            ),
+        ],
+    ),
     "pendulum": dict(
         env_id="InvertedPendulumNoVel-v5",
         total_timesteps=300_000,
@@ -119,7 +166,7 @@ PARTS = {
 @dataclass
 class Args:
     parts: tuple[str, ...] = tuple(PARTS)
-    """parts to run (cartpole, pendulum, breakout)"""
+    """parts to run (cartpole, cartpole-tuned, pendulum, breakout)"""
     seeds: int = 3
     """seeds 1 to n for each run (breakout: seed 1 only)"""
     total_timesteps: Optional[int] = None
@@ -159,6 +206,7 @@ def run_sb3(env_id: str, seed: int, total: int, h: dict) -> dict:
     from sb3_contrib import RecurrentPPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
 
     torch.set_num_threads(1)  # as ours (--torch-threads 1)
     os.chdir(tempfile.mkdtemp())
@@ -175,11 +223,17 @@ def run_sb3(env_id: str, seed: int, total: int, h: dict) -> dict:
     h, lr = dict(h), h["learning_rate"]
     h.pop("learning_rate")
     policy_kwargs = dict(
-        net_arch=dict(pi=[64, 64], vf=[64, 64]), activation_fn=torch.nn.Tanh, lstm_hidden_size=h.pop("lstm_hidden_size")
+        net_arch=dict(pi=[64, 64], vf=[64, 64]),
+        activation_fn=torch.nn.Tanh,
+        lstm_hidden_size=h.pop("lstm_hidden_size"),
+        **h.pop("policy", {}),  # which LSTM the critic reads (enable_critic_lstm, shared_lstm)
     )
+    envs = make_vec_env(env_id, n_envs=h.pop("n_envs"), seed=seed)
+    if "normalize" in h:  # VecNormalize's options, where ours scales rewards; episode returns stay the env's own
+        envs = VecNormalize(envs, gamma=h["gamma"], **h.pop("normalize"))
     model = RecurrentPPO(
         "MlpLstmPolicy",
-        make_vec_env(env_id, n_envs=h.pop("n_envs"), seed=seed),
+        envs,
         learning_rate=lambda remaining: lr * remaining,
         seed=seed,
         device="cpu",

@@ -55,7 +55,7 @@ BREAKS = {
     "shared and separate MLP networks for policy and value functions": {
         "edits": [
             (
-                "return action, logp, entropy, self.critic(x.detach()).squeeze(-1), state",
+                "return action, logp, entropy, self.critic(x).squeeze(-1), state",
                 "return action, logp, entropy, self.critic[-1](self.actor[:-1](x)).squeeze(-1), state",
             )
         ]
@@ -91,7 +91,7 @@ BREAKS = {
     "separate MLP networks for policy and value functions": {
         "edits": [
             (
-                "return action, logp, entropy, self.critic(x.detach()).squeeze(-1), state",
+                "return action, logp, entropy, self.critic(x).squeeze(-1), state",
                 "return action, logp, entropy, self.critic[-1](self.actor_mean[:-1](x)).squeeze(-1), state",
             )
         ]
@@ -198,9 +198,10 @@ BREAKS = {
     "normalization statistics with the model": {
         "edits": [('    load_env_stats(envs, data.get("env_stats", {}))', "    pass")]
     },
-    "the LSTM learns from the policy loss alone": {
-        "edits": [("self.critic(x.detach()).squeeze(-1), state", "self.critic(x).squeeze(-1), state")]
+    "both losses train the LSTM": {
+        "edits": [("self.critic(x).squeeze(-1), state", "self.critic(x.detach()).squeeze(-1), state")]
     },
+    "rewards scaled with --lstm": {"edits": [("envs = ScaleReward(envs, gamma=args.gamma)", "pass")]},
     "health warnings": {"edits": [("ess < 0.5,", "ess < 0.05,")]},
     "a NaN loss stops the run": {
         "edits": [("run.check_finite(loss, grad_norm)  # a NaN or infinite loss stops the run before its step", "pass")]

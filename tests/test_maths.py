@@ -284,6 +284,7 @@ SAME_CODE = {
     ),
     # ppo_continuous.py samples a normal distribution and keeps statistics of its envs.
     **dict.fromkeys(["sample", "env_stats", "load_env_stats"], ["ppo_discrete", "ppo_atari"]),
+    "ScaleReward": ["ppo_discrete", "ppo_continuous"],  # ppo_discrete.py scales rewards with --lstm
 }
 # The pieces whose code differs by family: the part of their docstring that every script shares.
 SAME_WORDS = {

@@ -100,9 +100,9 @@ def test_the_state_starts_at_zero_in_training_evaluation_and_a_resume_with_new_e
     assert not steps[0][0].any()
 
 
-def test_the_lstm_learns_from_the_policy_loss_alone_but_in_atari(ppo):
-    # ppo_discrete.py and ppo_continuous.py: the critic reads the LSTM's output detached. ppo_atari.py, as the
-    # reference's ppo_atari_lstm.py: the value loss trains the LSTM (and the CNN) too.
+def test_both_losses_train_the_lstm(ppo):
+    # The critic reads the LSTM's output as it is, as in the reference's ppo_atari_lstm.py: the value loss trains the
+    # LSTM (and on Atari the CNN) as well as the policy loss. (Read detached, the policy loss alone would train it.)
     torch.manual_seed(0)
     atari = ppo.__name__ == "ppo_atari"
     agent = ppo.Agent(small_envs(ppo), HIDDEN)
@@ -112,8 +112,28 @@ def test_the_lstm_learns_from_the_policy_loss_alone_but_in_atari(ppo):
         agent.zero_grad()
         _, logp, _, value, _ = agent.get_action_and_value(obs, None, state, goes_on)
         (logp.sum() if part == "policy" else value.sum()).backward()
-        moved = [p.grad is not None and p.grad.abs().sum() > 0 for p in agent.lstm.parameters()]
-        assert all(moved) if part == "policy" or atari else not any(moved), part
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.lstm.parameters()), part
+
+
+def test_with_lstm_rewards_are_scaled_and_returns_reported_unscaled():
+    # ppo_discrete.py: with --lstm the value loss trains the LSTM, and CartPole's returns of hundreds would drown it;
+    # rewards are divided by the running std of the discounted return (ScaleReward, as ppo_continuous.py always does).
+    # Episode returns are the env's own; without --lstm the rewards are left as they are.
+    ppo = importlib.import_module("ppo_discrete")
+    for lstm in (False, True):
+        envs = ppo.make_envs(tiny(ppo, env_id="CartPole-v1", lstm=lstm), 2)
+        envs.reset(seed=0)
+        rewards, returns = [], []
+        for _ in range(300):
+            _, reward, _, _, info = envs.step(np.zeros(2, dtype=np.int64))  # always left: short episodes
+            rewards.append(reward)
+            returns += info["episode"]["r"][info["_episode"]].tolist() if "_episode" in info else []
+        rewards = np.concatenate(rewards[-100:])  # once the return statistics have settled
+        assert returns and all(r == int(r) and r > 5 for r in returns), returns  # whole steps: the env's own
+        if lstm:  # discounted returns of 1 to about 10 within each episode: a std of 2 to 3 (the rewards about 0.4)
+            assert np.all((rewards == 0) | ((rewards > 0.2) & (rewards < 0.6))), rewards
+        else:
+            assert set(rewards.tolist()) <= {0.0, 1.0}
 
 
 # ----------------------------------------------------------------------------------------------------
