@@ -283,7 +283,8 @@ class Agent(nn.Module):
     Discrete action is one categorical distribution; MultiDiscrete and MultiBinary actions one per dimension,
     independent, so log-probs and entropies add up (the MultiDiscrete detail). Actions an env's mask forbids
     (ActionMasks appends it to the observation) get probability 0. With --lstm, one LSTM below both MLPs, which both
-    losses train (with scaled rewards, make_envs). obs is (B, *observation shape); an action (B,) for Discrete, (B, dims) otherwise.
+    losses train (with scaled rewards, make_envs). obs is (B, *observation shape); an action (B,) for Discrete,
+    (B, dims) otherwise.
 
     What train() and evaluate() call, the same in all three scripts (keep it when you swap the network):
         act(obs, state=None, goes_on=True, deterministic=False) -> (action, state): a sample of the policy, or its
