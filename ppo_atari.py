@@ -304,7 +304,7 @@ class Agent(nn.Module):
         get_value(obs, state=None) -> value: the critic's V(obs)
         get_action_and_value(obs, action=None, state=None, goes_on=True) -> (action, log-prob, entropy, value, state):
             under the current parameters, for the given actions (or for sampled ones when action is None)
-        state_size: 0, or 2 * the LSTM's units (--lstm)
+        state_size: 0, or (--lstm) h and c of each LSTM side by side: 2 * its units per LSTM
     obs and actions are batches (B, ...); log-probs, entropies and values (B,). A recurrent agent (--lstm) carries a
     state (B, state_size), zero at an episode's start, from each step to the next; goes_on (B,) is False where obs is
     its episode's last (see recur), True (the default) where no episode ends. It also takes whole sequences: obs
@@ -564,7 +564,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         dones = np.zeros((T, N), dtype=np.float32)
         valid = np.zeros((T + 1, N), dtype=bool)  # False where a step only reset an env whose episode had ended
         goes_on = np.zeros((T, N), dtype=bool)  # False where the LSTM's state restarts after the step: see the loop
-        states = torch.zeros((T + 1, N, agent.state_size), device=device)  # the LSTM's state before each step
+        states = torch.zeros((T + 1, N, agent.state_size), device=device)  # the LSTM state before each step
         envs = run.start(agent, optimizer, envs, obs, valid, states)  # resumes from the checkpoint, or resets the envs
         lives = np.array(envs.unwrapped.call("lives"))  # each emulator's lives left (FireOnReset.lives)
 

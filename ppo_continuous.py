@@ -138,9 +138,10 @@ class Args:
     target_kl: Optional[float] = None
     """stop the update epochs early when the mean approx KL of an epoch exceeds this (default: off)"""
     lstm: bool = False
-    """put an LSTM between the observations and the heads (a recurrent policy, for partially observed envs)"""
+    """put an LSTM between the observations and each head (a recurrent policy, for partially observed envs): the
+    actor's and the critic's own"""
     lstm_hidden_size: int = 128
-    """units of the LSTM (with --lstm)"""
+    """units of each LSTM (with --lstm)"""
     clip_obs: float = 10.0
     """normalized observations are clipped to [-clip_obs, clip_obs]"""
     clip_reward: float = 10.0
@@ -286,8 +287,9 @@ OBS_DTYPE = torch.float32
 class Agent(nn.Module):
     """Separate actor and critic MLPs (64-64 tanh; core detail 13, continuous detail 4). The policy is a normal
     distribution (continuous detail 1) whose log std is a learned vector that does not depend on the state
-    (continuous detail 2), with independent action components (continuous detail 3). With --lstm, one LSTM below both
-    MLPs, which both losses train. obs is (B, *observation shape); an action (B, action dims).
+    (continuous detail 2), with independent action components (continuous detail 3). With --lstm, an LSTM below each
+    MLP: the actor's trained by the policy loss, the critic's by the value loss. obs is (B, *observation shape); an
+    action (B, action dims).
 
     What train() and evaluate() call, the same in all three scripts (keep it when you swap the network):
         act(obs, state=None, goes_on=True, deterministic=False) -> (action, state): a sample of the policy, or its
@@ -295,7 +297,7 @@ class Agent(nn.Module):
         get_value(obs, state=None) -> value: the critic's V(obs)
         get_action_and_value(obs, action=None, state=None, goes_on=True) -> (action, log-prob, entropy, value, state):
             under the current parameters, for the given actions (or for sampled ones when action is None)
-        state_size: 0, or 2 * the LSTM's units (--lstm)
+        state_size: 0, or (--lstm) h and c of each LSTM side by side: 2 * its units per LSTM
     obs and actions are batches (B, ...); log-probs, entropies and values (B,). A recurrent agent (--lstm) carries a
     state (B, state_size), zero at an episode's start, from each step to the next; goes_on (B,) is False where obs is
     its episode's last (see recur), True (the default) where no episode ends. It also takes whole sequences: obs
@@ -308,7 +310,10 @@ class Agent(nn.Module):
         obs_dim = envs.single_observation_space.shape[0]
         act_dim = envs.single_action_space.shape[0]
         self.lstm = lstm_init(nn.LSTM(obs_dim, lstm_size)) if lstm_size else None
-        self.state_size = 2 * lstm_size  # h and c side by side
+        # The critic's own LSTM, as sb3-contrib's RecurrentPPO has it: the value loss shapes a memory of its own and
+        # leaves the policy's to the policy loss. It learned better than one LSTM both losses train (docs/recurrent.md).
+        self.critic_lstm = lstm_init(nn.LSTM(obs_dim, lstm_size)) if lstm_size else None
+        self.state_size = 4 * lstm_size  # h and c of the actor's LSTM, then of the critic's
         features = lstm_size or obs_dim
         self.critic = nn.Sequential(
             layer_init(nn.Linear(features, 64)),
@@ -328,16 +333,22 @@ class Agent(nn.Module):
         self.actor_logstd = nn.Parameter(torch.zeros(1, act_dim))
 
     def forward(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None, goes_on=True):
-        """What the heads read (the observation; with --lstm, the LSTM's output) and the next state."""
-        return (obs, state) if self.lstm is None else recur(self.lstm, obs, state, goes_on)
+        """What the actor and the critic read (the observation; with --lstm, the outputs of their LSTMs) and the next
+        state."""
+        if self.lstm is None:
+            return obs, obs, state
+        actor_state, critic_state = state.chunk(2, -1)
+        actor_x, actor_state = recur(self.lstm, obs, actor_state, goes_on)
+        critic_x, critic_state = recur(self.critic_lstm, obs, critic_state, goes_on)
+        return actor_x, critic_x, torch.cat([actor_state, critic_state], -1)
 
     def get_value(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.critic(self(obs, state)[0]).squeeze(-1)
+        return self.critic(self(obs, state)[1]).squeeze(-1)
 
     def act(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None, goes_on=True, deterministic: bool = False):
         """The rollout's only forward pass. Its log-probs and values are computed afterwards in one batched
         call (the parameters do not change during a rollout)."""
-        x, state = self(obs, state, goes_on)
+        x, _, state = self(obs, state, goes_on)
         mean = self.actor_mean(x)
         action = mean if deterministic else mean + self.actor_logstd.exp() * torch.randn_like(mean)
         return action, state
@@ -349,7 +360,7 @@ class Agent(nn.Module):
         state: Optional[torch.Tensor] = None,
         goes_on=True,
     ):
-        x, state = self(obs, state, goes_on)
+        x, critic_x, state = self(obs, state, goes_on)
         mean = self.actor_mean(x)
         logstd = self.actor_logstd.expand_as(mean)
         if action is None:  # a sample is a fixed point: its log-prob's gradient must not flow through it
@@ -358,7 +369,7 @@ class Agent(nn.Module):
         # are independent, so log-probs and entropies add up over them.
         logp = (-0.5 * ((action - mean) / logstd.exp()) ** 2 - logstd - 0.5 * math.log(2 * math.pi)).sum(-1)
         entropy = (0.5 + 0.5 * math.log(2 * math.pi) + logstd).sum(-1)
-        return action, logp, entropy, self.critic(x).squeeze(-1), state
+        return action, logp, entropy, self.critic(critic_x).squeeze(-1), state
 
 
 # --- Generalized Advantage Estimation -----------------------------------------------------------------------
@@ -550,7 +561,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         terminations = np.zeros((T, N), dtype=np.float32)
         dones = np.zeros((T, N), dtype=np.float32)
         valid = np.zeros((T + 1, N), dtype=bool)  # False where a step only reset an env whose episode had ended
-        states = torch.zeros((T + 1, N, agent.state_size), device=device)  # the LSTM's state before each step
+        states = torch.zeros((T + 1, N, agent.state_size), device=device)  # the LSTM state before each step
         envs = run.start(agent, optimizer, envs, obs, valid, states)  # resumes from the checkpoint, or resets the envs
         normalization = SharedStatistics(envs, resumed=run.resumed is not None)
 

@@ -131,10 +131,10 @@ class Args:
     target_kl: Optional[float] = None
     """stop the update epochs early when the mean approx KL of an epoch exceeds this (default: off)"""
     lstm: bool = False
-    """put an LSTM between the observations and the heads (a recurrent policy, for partially observed envs); both
-    losses train it, and rewards are scaled (divided by the running std of the discounted return)"""
+    """put an LSTM between the observations and each head (a recurrent policy, for partially observed envs): the
+    actor's and the critic's own; rewards are scaled (divided by the running std of the discounted return)"""
     lstm_hidden_size: int = 128
-    """units of the LSTM (with --lstm)"""
+    """units of each LSTM (with --lstm)"""
 
     # --- sizes derived from the options above, in one place ---
     @property
@@ -203,8 +203,9 @@ def make_envs(args: Args, num_envs: int, video_dir: Optional[str] = None) -> gym
         envs = vector_env(recipes, args.async_envs)
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
     if args.lstm:
-        # The value loss trains the LSTM too: on returns of hundreds it would drown what the policy loss teaches it
-        # (docs/recurrent.md). Rewards divided by the running std of the discounted return, as ppo_continuous.py does.
+        # The critic's LSTM learns from the value loss alone, and learned worse on returns of hundreds than on returns
+        # of about 1 (docs/recurrent.md). Rewards divided by the running std of the discounted return, as
+        # ppo_continuous.py does.
         envs = ScaleReward(envs, gamma=args.gamma)
     space = envs.single_action_space
     if np.any(getattr(space, "start", 0)):  # Discrete(n, start=s): the agent picks 0..n-1, the env gets s..s+n-1
@@ -282,9 +283,9 @@ class Agent(nn.Module):
     """Separate actor and critic MLPs (64-64 tanh; core detail 13): the policy loss cannot disturb the critic. A
     Discrete action is one categorical distribution; MultiDiscrete and MultiBinary actions one per dimension,
     independent, so log-probs and entropies add up (the MultiDiscrete detail). Actions an env's mask forbids
-    (ActionMasks appends it to the observation) get probability 0. With --lstm, one LSTM below both MLPs, which both
-    losses train (with scaled rewards, make_envs). obs is (B, *observation shape); an action (B,) for Discrete,
-    (B, dims) otherwise.
+    (ActionMasks appends it to the observation) get probability 0. With --lstm, an LSTM below each MLP: the actor's
+    trained by the policy loss, the critic's by the value loss (on scaled rewards, make_envs). obs is (B, *observation
+    shape); an action (B,) for Discrete, (B, dims) otherwise.
 
     What train() and evaluate() call, the same in all three scripts (keep it when you swap the network):
         act(obs, state=None, goes_on=True, deterministic=False) -> (action, state): a sample of the policy, or its
@@ -292,7 +293,7 @@ class Agent(nn.Module):
         get_value(obs, state=None) -> value: the critic's V(obs)
         get_action_and_value(obs, action=None, state=None, goes_on=True) -> (action, log-prob, entropy, value, state):
             under the current parameters, for the given actions (or for sampled ones when action is None)
-        state_size: 0, or 2 * the LSTM's units (--lstm)
+        state_size: 0, or (--lstm) h and c of each LSTM side by side: 2 * its units per LSTM
     obs and actions are batches (B, ...); log-probs, entropies and values (B,). A recurrent agent (--lstm) carries a
     state (B, state_size), zero at an episode's start, from each step to the next; goes_on (B,) is False where obs is
     its episode's last (see recur), True (the default) where no episode ends. It also takes whole sequences: obs
@@ -307,7 +308,10 @@ class Agent(nn.Module):
         self.mask_size = getattr(envs, "mask_size", 0)  # the action mask's entries at the end of the observation
         obs_dim = envs.single_observation_space.shape[0] - self.mask_size
         self.lstm = lstm_init(nn.LSTM(obs_dim, lstm_size)) if lstm_size else None
-        self.state_size = 2 * lstm_size  # h and c side by side
+        # The critic's own LSTM, as sb3-contrib's RecurrentPPO has it: the value loss shapes a memory of its own and
+        # leaves the policy's to the policy loss. It learned better than one LSTM both losses train (docs/recurrent.md).
+        self.critic_lstm = lstm_init(nn.LSTM(obs_dim, lstm_size)) if lstm_size else None
+        self.state_size = 4 * lstm_size  # h and c of the actor's LSTM, then of the critic's
         features = lstm_size or obs_dim
         self.critic = nn.Sequential(
             layer_init(nn.Linear(features, 64)),
@@ -326,10 +330,15 @@ class Agent(nn.Module):
         )
 
     def forward(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None, goes_on=True):
-        """What the heads read (the observation without its action mask; with --lstm, the LSTM's output) and the next
-        state."""
+        """What the actor and the critic read (the observation without its action mask; with --lstm, the outputs of
+        their LSTMs) and the next state."""
         x = obs[..., : -self.mask_size] if self.mask_size else obs
-        return (x, state) if self.lstm is None else recur(self.lstm, x, state, goes_on)
+        if self.lstm is None:
+            return x, x, state
+        actor_state, critic_state = state.chunk(2, -1)
+        actor_x, actor_state = recur(self.lstm, x, actor_state, goes_on)
+        critic_x, critic_state = recur(self.critic_lstm, x, critic_state, goes_on)
+        return actor_x, critic_x, torch.cat([actor_state, critic_state], -1)
 
     def logits(self, x: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
         """(B, n) for a Discrete action; (B, dims, most options) otherwise, padded with impossible options."""
@@ -348,12 +357,12 @@ class Agent(nn.Module):
         return torch.stack([F.pad(part, (0, widest - n), value=-1e8) for part, n in parts], -2)
 
     def get_value(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.critic(self(obs, state)[0]).squeeze(-1)
+        return self.critic(self(obs, state)[1]).squeeze(-1)
 
     def act(self, obs: torch.Tensor, state: Optional[torch.Tensor] = None, goes_on=True, deterministic: bool = False):
         """The rollout's only forward pass. Its log-probs and values are computed afterwards in one batched
         call (the parameters do not change during a rollout)."""
-        x, state = self(obs, state, goes_on)
+        x, _, state = self(obs, state, goes_on)
         logits = self.logits(x, obs)
         action = logits.argmax(-1) if deterministic else sample(logits)
         return action, state
@@ -365,7 +374,7 @@ class Agent(nn.Module):
         state: Optional[torch.Tensor] = None,
         goes_on=True,
     ):
-        x, state = self(obs, state, goes_on)
+        x, critic_x, state = self(obs, state, goes_on)
         logits = self.logits(x, obs)
         if action is None:
             action = sample(logits)
@@ -374,7 +383,7 @@ class Agent(nn.Module):
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         if self.multi:  # independent dimensions: log-probs and entropies add up (the MultiDiscrete detail)
             logp, entropy = logp.sum(-1), entropy.sum(-1)
-        return action, logp, entropy, self.critic(x).squeeze(-1), state
+        return action, logp, entropy, self.critic(critic_x).squeeze(-1), state
 
 
 # --- Generalized Advantage Estimation -----------------------------------------------------------------------
@@ -566,7 +575,7 @@ def train(args: Args, stop_at_step: Optional[int] = None) -> dict:
         terminations = np.zeros((T, N), dtype=np.float32)
         dones = np.zeros((T, N), dtype=np.float32)
         valid = np.zeros((T + 1, N), dtype=bool)  # False where a step only reset an env whose episode had ended
-        states = torch.zeros((T + 1, N, agent.state_size), device=device)  # the LSTM's state before each step
+        states = torch.zeros((T + 1, N, agent.state_size), device=device)  # the LSTM state before each step
         envs = run.start(agent, optimizer, envs, obs, valid, states)  # resumes from the checkpoint, or resets the envs
 
         for iteration in run.iterations():  # between updates: checkpoints, and the stop on Ctrl-C or SIGTERM

@@ -55,7 +55,7 @@ BREAKS = {
     "shared and separate MLP networks for policy and value functions": {
         "edits": [
             (
-                "return action, logp, entropy, self.critic(x).squeeze(-1), state",
+                "return action, logp, entropy, self.critic(critic_x).squeeze(-1), state",
                 "return action, logp, entropy, self.critic[-1](self.actor[:-1](x)).squeeze(-1), state",
             )
         ]
@@ -91,7 +91,7 @@ BREAKS = {
     "separate MLP networks for policy and value functions": {
         "edits": [
             (
-                "return action, logp, entropy, self.critic(x).squeeze(-1), state",
+                "return action, logp, entropy, self.critic(critic_x).squeeze(-1), state",
                 "return action, logp, entropy, self.critic[-1](self.actor_mean[:-1](x)).squeeze(-1), state",
             )
         ]
@@ -198,8 +198,11 @@ BREAKS = {
     "normalization statistics with the model": {
         "edits": [('    load_env_stats(envs, data.get("env_stats", {}))', "    pass")]
     },
-    "both losses train the LSTM": {
-        "edits": [("self.critic(x).squeeze(-1), state", "self.critic(x.detach()).squeeze(-1), state")]
+    "the critic's own LSTM": {
+        "edits": [("self.critic(critic_x).squeeze(-1), state", "self.critic(x).squeeze(-1), state")]
+    },
+    "one LSTM both losses train": {
+        "edits": [("self.critic(hidden).squeeze(-1), state", "self.critic(hidden.detach()).squeeze(-1), state")]
     },
     "rewards scaled with --lstm": {"edits": [("envs = ScaleReward(envs, gamma=args.gamma)", "pass")]},
     "health warnings": {"edits": [("ess < 0.5,", "ess < 0.05,")]},

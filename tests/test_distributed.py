@@ -192,6 +192,7 @@ def test_atari_ranks_share_parameters(in_tmp_dir):
 
 def test_lstm_ranks_share_parameters_and_each_keeps_its_state(in_tmp_dir):
     # Masks and --lstm together: each rank carries its own envs' LSTM states; the checkpoint keeps every rank's.
+    # A state holds (h, c) of the actor's LSTM and of the critic's: 4 x 8 numbers per env.
     proc = torchrun(
         "ppo_discrete",
         in_tmp_dir / "out",
@@ -214,12 +215,12 @@ def test_lstm_ranks_share_parameters_and_each_keeps_its_state(in_tmp_dir):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = ranks(in_tmp_dir / "out")
-    assert same_params(r0["model"], r1["model"]) and "lstm.weight_hh_l0" in r0["model"]
+    assert same_params(r0["model"], r1["model"]) and "critic_lstm.weight_hh_l0" in r0["model"]
     states = [
         rank["carried"][2]
         for rank in torch.load(in_tmp_dir / "runs" / "lstm" / "checkpoint.pt", weights_only=True)["ranks"]
     ]
-    assert states[0].shape == (2, 16) and not torch.equal(states[0], states[1])
+    assert states[0].shape == (2, 32) and not torch.equal(states[0], states[1])
 
 
 def test_action_masks_travel_with_the_observations_across_ranks(in_tmp_dir):

@@ -4,6 +4,7 @@ working with it (action masks, MultiDiscrete actions, exact resume, evaluation, 
 
 import dataclasses
 import importlib
+import itertools
 
 import gymnasium as gym
 import numpy as np
@@ -41,16 +42,35 @@ def cue_run(ppo, monkeypatch, lives=1, **kw):
     return lstm_args(ppo, **{"env_id": env_id, "num_envs": 2, "num_steps": 16, "num_minibatches": 2, "seed": 1, **kw})
 
 
-def spy_recur(ppo, monkeypatch, replays=None) -> list:
+class Steps(list):
+    """The steps of the actor's LSTM; critic: those of the critic's own LSTM, where it has one."""
+
+    critic: list
+
+    def clear(self):
+        super().clear()
+        self.critic.clear()
+
+    def starts_at_zero(self) -> bool:
+        """Whether the first step of every LSTM started from a zero state."""
+        return all(not taken[0][0].any() for taken in (self, self.critic) if taken)
+
+
+def spy_recur(ppo, monkeypatch, replays=None) -> Steps:
     """Every step the LSTM takes in a rollout or an evaluation (under inference mode): (state in, goes_on, output,
-    state out), each row an env. replays, a list, also gets every sequence replayed after a rollout: (the rollout
-    steps taken so far, its outputs)."""
-    steps, recur = [], ppo.recur
+    state out), each row an env; the critic's own LSTM's steps (ppo_discrete.py, ppo_continuous.py) in .critic.
+    replays, a list, also gets every sequence each LSTM replays after a rollout: (the rollout steps taken so far, its
+    outputs)."""
+    steps, recur = Steps(), ppo.recur
+    steps.critic = []
+    # The agent steps its LSTMs in turn: the actor's, then the critic's own (Atari has one LSTM).
+    turns = itertools.cycle([steps] if ppo.__name__ == "ppo_atari" else [steps, steps.critic])
 
     def spy(lstm, x, state, goes_on):
         out, new = recur(lstm, x, state, goes_on)
+        taken = next(turns)
         if torch.is_inference_mode_enabled():
-            steps.append((state.clone(), torch.as_tensor(goes_on).clone(), out.clone(), new.clone()))
+            taken.append((state.clone(), torch.as_tensor(goes_on).clone(), out.clone(), new.clone()))
         elif replays is not None and x.dim() == 3:
             replays.append((len(steps), out.detach().clone()))
         return out, new
@@ -62,12 +82,22 @@ def spy_recur(ppo, monkeypatch, replays=None) -> list:
 # ----------------------------------------------------------------------------------------------------
 # LSTM details 1 and 2: initialization, and the state an episode starts from
 # ----------------------------------------------------------------------------------------------------
+def lstms(agent) -> list:
+    """The agent's LSTMs: the actor's, then the critic's own where it has one (ppo_discrete.py, ppo_continuous.py)."""
+    return [agent.lstm] + ([agent.critic_lstm] if hasattr(agent, "critic_lstm") else [])
+
+
 def test_lstm_weights_are_orthogonal_and_biases_zero(ppo):
     torch.manual_seed(0)
     envs = small_envs(ppo)
     agent = ppo.Agent(envs, HIDDEN)
-    assert agent.state_size == 2 * HIDDEN and ppo.Agent(envs).state_size == 0 and ppo.Agent(envs).lstm is None
-    for name, param in agent.lstm.named_parameters():
+    # h and c of each LSTM: Atari's one (the reference's), the actor's and the critic's in the other scripts.
+    assert len(lstms(agent)) == (1 if ppo.__name__ == "ppo_atari" else 2)
+    assert agent.state_size == 2 * HIDDEN * len(lstms(agent))
+    assert ppo.Agent(envs).state_size == 0 and ppo.Agent(envs).lstm is None
+    named = [(name, param) for lstm in lstms(agent) for name, param in lstm.named_parameters()]
+    assert len(named) == 4 * len(lstms(agent))
+    for name, param in named:
         if name.startswith("bias"):
             assert torch.equal(param, torch.zeros_like(param)), name
         else:  # (4 * hidden, inputs): orthonormal columns when it is tall, rows when it is wide
@@ -85,7 +115,7 @@ def test_the_state_starts_at_zero_in_training_evaluation_and_a_resume_with_new_e
     ppo.train(
         lstm_args(ppo, checkpoint_every=1, total_timesteps=3 * batch, save_model=True, **kw), stop_at_step=2 * batch
     )
-    assert not steps[0][0].any()  # the first step of training
+    assert steps.starts_at_zero()  # the first step of training
     saved = load("runs/tiny/checkpoint.pt")["ranks"][0]["carried"][2]
     assert saved.abs().sum() > 0.1  # what the crash-free resume would have gone on from
     monkeypatch.setattr(ppo, "env_state", lambda env: (_ for _ in ()).throw(TypeError("cannot pickle a handle")))
@@ -94,25 +124,29 @@ def test_the_state_starts_at_zero_in_training_evaluation_and_a_resume_with_new_e
     )
     steps.clear()
     ppo.train(lstm_args(ppo, run_name="cut", total_timesteps=3 * batch, resume="runs/cut/checkpoint.pt", **kw))
-    assert not steps[0][0].any()
+    assert steps.starts_at_zero()
     steps.clear()
     ppo.evaluate("runs/tiny/agent.pt", episodes=1)
-    assert not steps[0][0].any()
+    assert steps.starts_at_zero()
 
 
-def test_both_losses_train_the_lstm(ppo):
-    # The critic reads the LSTM's output as it is, as in the reference's ppo_atari_lstm.py: the value loss trains the
-    # LSTM (and on Atari the CNN) as well as the policy loss. (Read detached, the policy loss alone would train it.)
+def test_each_loss_trains_the_lstm_it_reads(ppo):
+    # ppo_atari.py, as the reference's ppo_atari_lstm.py: the critic reads the one LSTM's output as it is, so the value
+    # loss trains the LSTM (and the CNN) as well as the policy loss. ppo_discrete.py and ppo_continuous.py: the critic
+    # has an LSTM of its own, and each loss trains its own LSTM and not the other's.
     torch.manual_seed(0)
     atari = ppo.__name__ == "ppo_atari"
     agent = ppo.Agent(small_envs(ppo), HIDDEN)
     obs = torch.randint(0, 256, (6, 3, 1, 84, 84), dtype=torch.uint8) if atari else torch.randn(6, 3, 5)
-    state, goes_on = torch.randn(3, 2 * HIDDEN), torch.ones(6, 3, dtype=torch.bool)
+    state, goes_on = torch.randn(3, agent.state_size), torch.ones(6, 3, dtype=torch.bool)
+    trains = {"policy": [agent.lstm], "value": [agent.lstm] if atari else [agent.critic_lstm]}
     for part in ("policy", "value"):
         agent.zero_grad()
         _, logp, _, value, _ = agent.get_action_and_value(obs, None, state, goes_on)
         (logp.sum() if part == "policy" else value.sum()).backward()
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.lstm.parameters()), part
+        for lstm in lstms(agent):
+            moved = [p.grad is not None and p.grad.abs().sum() > 0 for p in lstm.parameters()]
+            assert all(moved) if any(lstm is m for m in trains[part]) else not any(moved), part
 
 
 def test_with_lstm_rewards_are_scaled_and_returns_reported_unscaled():
@@ -154,12 +188,21 @@ def cue_outputs(ppo, monkeypatch, device="cpu", lives=1) -> tuple[dict, list]:
         "values": torch.cat([v[:-1] for v in values]),
         "replay": torch.cat([out for taken, out in replays if taken == args.num_steps], -1),
     }
+    if steps.critic:
+        seen["the critic's rollout"] = torch.stack([out for _, _, out, _ in steps.critic])
     evaluations = []
+    critic_evaluations = []
     for seed in (1, 2):
         steps.clear()
         ppo.evaluate("runs/tiny/agent.pt", episodes=3, seed=seed)
         evaluations.append(list(steps))
+        critic_evaluations.append(list(steps.critic))
     seen["evaluation"] = torch.stack([torch.stack([out[0] for _, _, out, _ in e]) for e in evaluations], 1)
+    if steps.critic:
+        seen["the critic's evaluation"] = torch.stack(
+            [torch.stack([out[0] for _, _, out, _ in e]) for e in critic_evaluations], 1
+        )
+        evaluations += critic_evaluations
     return seen, evaluations
 
 
@@ -225,6 +268,7 @@ def test_a_sequence_without_goes_on_has_no_episode_end(ppo):
         expected_out, expected_last = ppo.recur(lstm, given, state, every)
         assert torch.equal(out, expected_out) and torch.equal(last, expected_last)
     agent = ppo.Agent(small_envs(ppo), HIDDEN)
+    state = torch.randn(3, agent.state_size)
     obs = torch.randint(0, 256, (10, 3, 1, 84, 84), dtype=torch.uint8) if ppo.__name__ == "ppo_atari" else x
     action, logp, _, value, last = agent.get_action_and_value(obs, None, state, torch.ones(10, 3, dtype=torch.bool))
     _, logp_default, _, value_default, last_default = agent.get_action_and_value(obs, action, state)

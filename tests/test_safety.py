@@ -203,7 +203,7 @@ def test_a_shared_agent_s_options_are_checked_before_its_network_is_built(capsys
         real_init(self, envs, lstm_size)
 
     monkeypatch.setattr(ppo_discrete.Agent, "__init__", recording)
-    expected = "does not fit the network its options describe (lstm.bias_hh_l0: None in the file, (8000,) by its"
+    expected = "does not fit the network its options describe (critic_lstm.bias_hh_l0: None in the file, (8000,) by"
     assert_bad_input(ppo_discrete.main, ["--eval-checkpoint", path], expected, capsys)
     assert built == [(2000, "meta")]  # the network was described, never allocated
 
