@@ -11,6 +11,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results")  # published results: the benchmarks write there unless told --out
 REFERENCES = os.path.join(ROOT, "benchmark", "references.json")
 
+# ppo_discrete.py's defaults as Stable-Baselines3's PPO options (sb3-contrib's RecurrentPPO takes the same ones).
+SB3_DISCRETE = dict(
+    n_envs=4,
+    n_steps=128,
+    batch_size=128,
+    n_epochs=4,
+    learning_rate=2.5e-4,
+    gamma=0.99,
+    gae_lambda=0.95,
+    clip_range=0.2,
+    clip_range_vf=0.2,
+    ent_coef=0.01,
+    vf_coef=0.5,
+    max_grad_norm=0.5,
+)
+
 
 @dataclass(frozen=True)
 class Suite:

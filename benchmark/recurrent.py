@@ -34,7 +34,7 @@ import gymnasium as gym
 import numpy as np
 import tyro
 
-from common import RESULTS, load_script, rolling_mean
+from common import RESULTS, SB3_DISCRETE, load_script, rolling_mean
 
 WINDOW = 100  # episodes in the final return
 
@@ -68,22 +68,8 @@ register_envs()
 # defaults with a 4x learning rate (annealed to 0) and no entropy bonus.
 SOLVE = dict(learning_rate=1e-3, ent_coef=0.0)
 
-# ppo_discrete.py's defaults as RecurrentPPO's options.
-SB3_DEFAULTS = dict(
-    n_envs=4,
-    n_steps=128,
-    batch_size=128,
-    n_epochs=4,
-    learning_rate=2.5e-4,
-    gamma=0.99,
-    gae_lambda=0.95,
-    clip_range=0.2,
-    clip_range_vf=0.2,
-    ent_coef=0.01,
-    vf_coef=0.5,
-    max_grad_norm=0.5,
-    lstm_hidden_size=128,
-)
+# ppo_discrete.py --lstm's defaults as RecurrentPPO's options.
+SB3_DEFAULTS = dict(SB3_DISCRETE, lstm_hidden_size=128)
 
 # The runs of each part: (name, worker, env, options). "ours": the script's defaults plus the options.
 PARTS = {

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 import tyro
 
-from common import RESULTS, SUITES, load_script, python, rolling_mean
+from common import RESULTS, SB3_DISCRETE, SUITES, load_script, python, rolling_mean
 
 # One entry per script: the env, the budget, the return that counts as solved, and the matching SB3 setup.
 CONFIGS = {
@@ -31,22 +31,7 @@ CONFIGS = {
         total_timesteps=SUITES["classic"].total_timesteps,
         threshold=475.0,
         window=20,
-        sb3=dict(
-            n_envs=4,
-            n_steps=128,
-            batch_size=128,
-            n_epochs=4,
-            learning_rate=2.5e-4,
-            gamma=0.99,
-            gae_lambda=0.95,
-            clip_range=0.2,
-            clip_range_vf=0.2,
-            ent_coef=0.01,
-            vf_coef=0.5,
-            max_grad_norm=0.5,
-            net=[64, 64],
-            normalize=False,
-        ),
+        sb3=dict(SB3_DISCRETE, net=[64, 64], normalize=False),
     ),
     "continuous": dict(
         script=SUITES["mujoco"].script,
